@@ -1,0 +1,459 @@
+"""
+ModernBERT in one file: the encoder of "Smarter, Better, Faster, Longer" (Warner et al., 2024,
+arXiv 2412.13663), read top to bottom like the paper.
+
+ModernBERT keeps BERT's job (a bidirectional encoder trained by masked language modelling) and
+swaps almost every part for what decoder LLMs learned since 2018. Each change is marked where it
+happens with "BERT:" (what it did) and "ModernBERT:" (what it does now, and why).
+
+    model = ModernBERT(config_for("base"))
+    logits, _ = model(input_ids, attention_mask=mask)            # (B, T, vocab)
+    logits, loss = model(input_ids, attention_mask=mask, labels=labels)
+    hidden = model.encode(input_ids, attention_mask=mask)         # (B, T, d_model)
+    model = ModernBERT.from_pretrained("path/to/ModernBERT-base")  # a Hugging Face directory
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # FlashAttention is optional: CUDA only. Without it the model runs on PyTorch's SDPA.
+    from flash_attn import flash_attn_varlen_qkvpacked_func
+except Exception:  # not installed, or a build that does not load on this machine
+    flash_attn_varlen_qkvpacked_func = None
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class Config:
+    vocab_size: int = 50368    # a multiple of 64 so the embedding matmul tiles tensor cores evenly
+    n_layers: int = 22
+    d_model: int = 768
+    n_heads: int = 12
+    d_ff: int = 1152           # GeGLU width: the up-projection is 2 * d_ff wide
+    window: int = 128          # local attention window, whole: a token sees +-window/2 neighbours
+    global_every: int = 3      # layer i attends globally iff i % global_every == 0
+    global_theta: float = 160_000.0  # RoPE base of global layers (10k during phase 1 pretraining)
+    local_theta: float = 10_000.0    # RoPE base of local layers
+    max_seq_len: int = 8192
+    norm_eps: float = 1e-5
+    attn_out_dropout: float = 0.0    # pretraining uses 0.1, on the attention output only
+    init_std: float = 0.02
+    pad_id: int = 50283        # special ids only travel to Hugging Face's config.json
+    cls_id: int = 50281
+    sep_id: int = 50282
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+
+PRESETS = {
+    "base": Config(),
+    "large": Config(n_layers=28, d_model=1024, n_heads=16, d_ff=2624),
+    # Laptop scale: the same architecture, narrow and shallow enough to train on a CPU.
+    "small": Config(n_layers=6, d_model=256, n_heads=4, d_ff=512, max_seq_len=1024),
+    "tiny": Config(n_layers=3, d_model=64, n_heads=4, d_ff=96, window=16, max_seq_len=512),
+}
+
+
+def config_for(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------- unpadding
+# BERT ran every layer on a padded (batch, max_len) rectangle, so a batch of one long and many
+# short texts spent most of its FLOPs on padding. ModernBERT removes the padding once, at the
+# start: all documents become one stream of real tokens, and `cu_seqlens` (cumulative lengths)
+# says where each document starts. Embedding, norms, projections, MLP and head then run on
+# (total_tokens, d_model); only attention needs to know about documents at all.
+
+def unpad(input_ids, attention_mask=None, cu_seqlens=None):
+    """Returns (tokens, cu_seqlens, indices); indices (None if already packed) puts tokens back."""
+    if cu_seqlens is not None:  # a packed stream: (total_tokens,), documents back to back
+        if input_ids.dim() != 1:
+            raise ValueError("with cu_seqlens, input_ids must be a 1-D packed stream")
+        return input_ids, cu_seqlens.to(torch.int32), None
+    if input_ids.dim() != 2:
+        raise ValueError("input_ids must be (batch, seq_len), or 1-D together with cu_seqlens")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    seqlens = attention_mask.sum(-1, dtype=torch.int32)                     # (B,)
+    indices = torch.nonzero(attention_mask.flatten(), as_tuple=True)[0]     # (total_tokens,)
+    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))        # (B + 1,)
+    return input_ids.flatten()[indices], cu_seqlens, indices
+
+
+def repad(x, indices, shape):
+    """(total_tokens, ...) -> the caller's (B, T, ...) layout, zeros at padding."""
+    if indices is None:
+        return x
+    out = x.new_zeros(shape.numel(), *x.shape[1:])
+    out[indices] = x
+    return out.view(*shape, *x.shape[1:])
+
+
+class Documents:
+    """Where each document sits in the token stream; computed once per forward, used by all layers."""
+
+    def __init__(self, cu_seqlens):
+        self.cu_seqlens = cu_seqlens                                       # (n_docs + 1,) int32
+        seqlens = cu_seqlens.diff()
+        self.lengths = seqlens.tolist()
+        self.max_seqlen = max(self.lengths, default=0)
+        n_tokens = int(cu_seqlens[-1])
+        device = cu_seqlens.device
+        self.doc_ids = torch.repeat_interleave(torch.arange(len(seqlens), device=device), seqlens)
+        # Positions restart at 0 in every document, so a packed row is many independent texts.
+        self.positions = torch.arange(n_tokens, device=device) - cu_seqlens[self.doc_ids]
+
+
+# ----------------------------------------------------------------------------- rotary positions
+# BERT: a learned absolute position embedding, added to the token embedding, that stops at 512.
+# ModernBERT: rotary embeddings (RoPE) rotate each query and key by an angle proportional to its
+# position, so q.k depends only on the distance between tokens. Nothing is learned, and a longer
+# context only needs a larger base (theta): phase 2 raises the global layers' theta to 160k.
+
+def rope_tables(positions, head_dim, theta):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq                       # (total_tokens, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)                         # (total_tokens, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + head_dim/2) of x: (total_tokens, n_heads, head_dim), in fp32."""
+    first, second = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x.float() * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention kernels
+# Every kernel takes q, k, v of shape (total_tokens, n_heads, head_dim), never lets a token see
+# another document, and returns (total_tokens, n_heads, head_dim).
+
+def flash_attention(q, k, v, docs, half_window):
+    """FlashAttention's varlen kernel reads cu_seqlens directly: no padding, no mask tensor."""
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    qkv = torch.stack((q, k, v), dim=1).to(dtype)                        # (total, 3, heads, head_dim)
+    window = (half_window, half_window) if half_window else (-1, -1)
+    out = flash_attn_varlen_qkvpacked_func(qkv, docs.cu_seqlens, docs.max_seqlen, window_size=window)
+    return out.to(q.dtype)
+
+
+def length_groups(docs):
+    """Groups documents of similar length, for the global SDPA path: each group is padded only to
+    its own longest member, so padding costs at most (4/3)^2 of the real attention work."""
+    order = sorted(((n, i) for i, n in enumerate(docs.lengths) if n > 0), reverse=True)
+    groups, current = [], []
+    for n, i in order:
+        longest = current[0][0] if current else n
+        if current and longest > 64 and 4 * n < 3 * longest:
+            groups.append(current)
+            current = []
+        current.append((n, i))
+    groups.append(current)
+    plans = []
+    for group in filter(None, groups):
+        lengths = torch.tensor([n for n, _ in group], device=docs.cu_seqlens.device)
+        starts = docs.cu_seqlens[[i for _, i in group]].long()
+        offsets = torch.arange(group[0][0], device=lengths.device)
+        valid = offsets < lengths[:, None]                               # (n_docs, longest)
+        index = torch.where(valid, starts[:, None] + offsets, starts[:, None])
+        plans.append((index, None if bool(valid.all()) else valid))
+    return plans
+
+
+def sdpa_global(q, k, v, groups):
+    out = torch.empty_like(q)
+    for index, valid in groups:
+        qg, kg, vg = (t[index].transpose(1, 2) for t in (q, k, v))       # (n_docs, heads, longest, hd)
+        mask = None if valid is None else valid[:, None, None, :]        # hide the group's padding
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).transpose(1, 2)
+        if valid is None:
+            out[index] = og
+        else:
+            out[index[valid]] = og[valid]
+    return out
+
+
+def local_block_mask(docs, half_window):
+    """(n_blocks, 1, w, 3w) for the blocked local path: same document and |i - j| <= w."""
+    w = half_window
+    n = len(docs.doc_ids)
+    n_blocks = -(-n // w)
+    query_doc = F.pad(docs.doc_ids, (0, n_blocks * w - n), value=-1).view(n_blocks, w)
+    key_doc = F.pad(docs.doc_ids, (w, n_blocks * w - n + w), value=-1).unfold(0, 3 * w, w)
+    query_pos = torch.arange(n_blocks * w, device=docs.doc_ids.device).view(n_blocks, w)
+    key_pos = torch.arange(-w, (n_blocks + 1) * w, device=query_pos.device).unfold(0, 3 * w, w)
+    near = (query_pos[:, :, None] - key_pos[:, None, :]).abs() <= w
+    return (near & (query_doc[:, :, None] == key_doc[:, None, :]))[:, None]
+
+
+def sdpa_local(q, k, v, block_mask, half_window):
+    """Sliding-window attention in O(n * window): queries go in blocks of w = half_window, and
+    block b only looks at key blocks b-1, b, b+1, which hold every key within distance w.
+    Padding slots carry document id -1, so a padded query sees only padding and never NaNs."""
+    w = half_window
+    n, heads, hd = q.shape
+    n_blocks = block_mask.shape[0]
+    pad = n_blocks * w - n
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(n_blocks, w, heads, hd).transpose(1, 2)
+
+    def neighbourhood(t):  # (n, heads, hd) -> (n_blocks, heads, 3w, hd), overlapping windows
+        return F.pad(t, (0, 0, 0, 0, w, pad + w)).unfold(0, 3 * w, w).permute(0, 1, 3, 2)
+
+    out = F.scaled_dot_product_attention(qb, neighbourhood(k), neighbourhood(v), attn_mask=block_mask)
+    return out.transpose(1, 2).reshape(n_blocks * w, heads, hd)[:n]
+
+
+# ----------------------------------------------------------------------------- the layers
+
+def layer_norm(config):
+    # BERT: LayerNorm with a bias. ModernBERT: no bias in any norm (or linear layer, below): the
+    # biases bought nothing at scale, and dropping them frees parameters for the matmuls.
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, is_global):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        # ModernBERT: alternating attention. Every third layer is global (sees the whole text);
+        # the others are local, seeing only +-64 tokens. Long contexts then cost mostly O(n),
+        # while the global layers still mix information across the whole document.
+        self.half_window = None if is_global else config.window // 2
+        self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.Wo = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.out_drop = nn.Dropout(config.attn_out_dropout)
+
+    def forward(self, x, docs, rope, plan):  # x: (total_tokens, d_model)
+        qkv = self.Wqkv(x).view(len(x), 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=1)                                      # (total, heads, head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if plan is None:
+            out = flash_attention(q, k, v, docs, self.half_window)
+        elif self.half_window is None:
+            out = sdpa_global(q, k, v, plan["groups"])
+        else:
+            out = sdpa_local(q, k, v, plan["block_mask"], self.half_window)
+        return self.out_drop(self.Wo(out.reshape(len(x), -1)))
+
+
+class GeGLU(nn.Module):
+    # BERT: Linear -> GELU -> Linear. ModernBERT: a gated linear unit, GELU(x W_in) * (x W_gate),
+    # which trains to a lower loss for the same compute. Both halves come from one fused Wi.
+    def __init__(self, config):
+        super().__init__()
+        self.Wi = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.Wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        input, gate = self.Wi(x).chunk(2, dim=-1)                        # (total, d_ff) each
+        return self.Wo(F.gelu(input) * gate)
+
+
+class Block(nn.Module):
+    # BERT: post-norm, x = norm(x + f(x)). ModernBERT: pre-norm, x = x + f(norm(x)), which keeps
+    # a clean residual path and trains stably without careful warmup. Layer 0 skips attn_norm:
+    # the embedding output was normalised just before it.
+    def __init__(self, config, index):
+        super().__init__()
+        self.is_global = index % config.global_every == 0
+        self.attn_norm = nn.Identity() if index == 0 else layer_norm(config)
+        self.attn = Attention(config, self.is_global)
+        self.mlp_norm = layer_norm(config)
+        self.mlp = GeGLU(config)
+
+    def forward(self, x, docs, rope, plan):
+        x = x + self.attn(self.attn_norm(x), docs, rope, plan)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.norm = layer_norm(config)
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.dense(x)))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class ModernBERT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # BERT: token + learned position + segment embeddings. ModernBERT: tokens only (RoPE
+        # carries position, and there is no next-sentence task), followed by a LayerNorm.
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_norm = layer_norm(config)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = layer_norm(config)  # pre-norm blocks leave the last output unnormalised
+        self.head = MLMHead(config)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=True)
+        self.decoder.weight = self.tok_embeddings.weight  # tied: the output reuses the input table
+        self.backend = "auto"  # or "flash" / "sdpa" to force one; see attention_backend
+        self.reset_parameters()
+
+    @property
+    def attention_backend(self):
+        """"flash" on CUDA when flash-attn imports, else "sdpa" (PyTorch, any device)."""
+        if self.backend != "auto":
+            return self.backend
+        on_cuda = self.tok_embeddings.weight.is_cuda
+        return "flash" if on_cuda and flash_attn_varlen_qkvpacked_func is not None else "sdpa"
+
+    def reset_parameters(self):
+        # "Megatron" init: truncated normal (cut at 2 std) with std 0.02, and the two projections
+        # that write into the residual stream (attention Wo, MLP Wo) scaled by 1/sqrt(2 n_layers)
+        # so the residual's variance does not grow with depth. The head's dense layer is scaled
+        # the same way, as in Hugging Face's port. Norms start at one, the decoder bias at zero.
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if "norm" in name else nn.init.zeros_(p)
+            else:
+                s = out_std if name.endswith(("Wo.weight", "head.dense.weight")) else std
+                nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s)
+
+    def body(self, tokens, cu_seqlens):
+        """(total_tokens,) ids and document boundaries -> (total_tokens, d_model) final states."""
+        docs = Documents(cu_seqlens)
+        if self.attention_backend == "flash":
+            plan = None
+        else:  # the masks and gathers of the SDPA path are built once, shared by every layer
+            plan = {"groups": length_groups(docs), "block_mask": local_block_mask(docs, self.config.window // 2)}
+        head_dim = self.config.head_dim
+        rope = {True: rope_tables(docs.positions, head_dim, self.config.global_theta),
+                False: rope_tables(docs.positions, head_dim, self.config.local_theta)}
+        x = self.embed_norm(self.tok_embeddings(tokens))                 # (total_tokens, d_model)
+        for block in self.layers:
+            x = block(x, docs, rope[block.is_global], plan)
+        return self.final_norm(x)
+
+    def encode(self, input_ids, attention_mask=None, cu_seqlens=None):
+        """Final hidden states in the caller's layout: for embeddings and fine-tuning."""
+        tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
+        return repad(self.body(tokens, cu_seqlens), indices, input_ids.shape)
+
+    def forward(self, input_ids, attention_mask=None, cu_seqlens=None, labels=None):
+        """Padded (B, T) ids + mask, or a packed 1-D stream + cu_seqlens. Returns (logits, loss).
+        Without labels: logits for every token, in the caller's layout, and loss None.
+        With labels (-100 = not predicted): logits only for the labelled tokens, in stream order."""
+        tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
+        x = self.body(tokens, cu_seqlens)
+        if labels is None:
+            return repad(self.decoder(self.head(x)), indices, input_ids.shape), None
+        # ModernBERT: sparse prediction. Only the ~30% masked tokens have a loss, so the head and
+        # the vocabulary-sized decoder run on those rows alone (about 25% faster training).
+        labels = labels.flatten() if indices is None else labels.flatten()[indices]
+        picked = labels != -100
+        logits = self.decoder(self.head(x[picked]))                      # (n_picked, vocab)
+        return logits, F.cross_entropy(logits.float(), labels[picked])
+
+    def flops_per_token(self, seq_len, predicted_fraction=1.0, training=True):
+        """Matmul FLOPs per token, for MFU. A local layer attends to at most window + 1 keys."""
+        c = self.config
+        matmuls = 2 * c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.d_ff)
+        n_global = sum(block.is_global for block in self.layers)
+        keys = n_global * seq_len + (c.n_layers - n_global) * min(seq_len, c.window + 1)
+        attention = 4 * c.d_model * keys                                 # q.k and p.v, per key
+        head = 2 * (c.d_model ** 2 + c.d_model * c.vocab_size) * predicted_fraction
+        return (3 if training else 1) * (matmuls + attention + head)
+
+    # ------------------------------------------------------------------------- Hugging Face format
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Loads a Hugging Face ModernBERT directory (config.json + model.safetensors)."""
+        from safetensors.torch import load_file
+        with open(os.path.join(path, "config.json")) as f:
+            model = cls(config_from_hf(json.load(f)))
+        hf_tensors = load_file(os.path.join(path, "model.safetensors"))
+        tied = hf_tensors.pop("decoder.weight", None)  # older exports store the tied copy too
+        ours = {hf_to_ours(name): t for name, t in hf_tensors.items()}
+        expected = model.state_dict()
+        expected.pop("decoder.weight")
+        missing, unexpected = expected.keys() - ours.keys(), ours.keys() - expected.keys()
+        assert not missing and not unexpected, f"checkpoint mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        for name, t in ours.items():
+            assert t.shape == expected[name].shape, f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[name].shape)}"
+        assert tied is None or torch.equal(tied, ours["tok_embeddings.weight"]), "decoder.weight is not tied"
+        model.load_state_dict(ours, strict=False)
+        return model
+
+    def save_pretrained(self, path):
+        """Writes a directory that transformers.ModernBertForMaskedLM.from_pretrained loads."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        tensors = {ours_to_hf(n): t.detach().cpu().contiguous() for n, t in self.state_dict().items() if n != "decoder.weight"}
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config), f, indent=2)
+
+
+# Our parameter names differ from Hugging Face's by these prefixes only.
+HF_PREFIXES = [("tok_embeddings.", "model.embeddings.tok_embeddings."), ("embed_norm.", "model.embeddings.norm."),
+               ("layers.", "model.layers."), ("final_norm.", "model.final_norm."), ("head.", "head."), ("decoder.", "decoder.")]
+
+
+def ours_to_hf(name):
+    return next(hf + name[len(o):] for o, hf in HF_PREFIXES if name.startswith(o))
+
+
+def hf_to_ours(name):
+    for o, hf in HF_PREFIXES:
+        if name.startswith(hf):
+            return o + name[len(hf):]
+    raise ValueError(f"unexpected tensor {name!r} in a ModernBERT checkpoint")
+
+
+def config_from_hf(hf):
+    for key, want in [("attention_bias", False), ("mlp_bias", False), ("norm_bias", False), ("decoder_bias", True),
+                      ("hidden_activation", "gelu"), ("classifier_activation", "gelu"), ("tie_word_embeddings", True)]:
+        if hf.get(key, want) != want:
+            raise ValueError(f"unsupported checkpoint: {key}={hf[key]!r} (this implementation needs {want!r})")
+    n_layers = hf["num_hidden_layers"]
+    global_every = hf.get("global_attn_every_n_layers", 3)
+    if hf.get("layer_types"):  # newer transformers spell the pattern out per layer
+        global_every = next((i for i, t in enumerate(hf["layer_types"]) if i and t == "full_attention"), n_layers)
+        want = ["sliding_attention" if i % global_every else "full_attention" for i in range(n_layers)]
+        if hf["layer_types"] != want:
+            raise ValueError(f"unsupported layer_types pattern {hf['layer_types']}")
+    rope = hf.get("rope_parameters") or {}
+    global_theta = rope.get("full_attention", {}).get("rope_theta", hf.get("global_rope_theta", 160_000.0))
+    local_theta = rope.get("sliding_attention", {}).get("rope_theta", hf.get("local_rope_theta")) or global_theta
+    return Config(vocab_size=hf["vocab_size"], n_layers=n_layers, d_model=hf["hidden_size"],
+                  n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+                  window=hf.get("local_attention", 128), global_every=global_every,
+                  global_theta=float(global_theta), local_theta=float(local_theta),
+                  max_seq_len=hf.get("max_position_embeddings", 8192), norm_eps=hf.get("norm_eps", 1e-5),
+                  init_std=hf.get("initializer_range", 0.02), pad_id=hf.get("pad_token_id", 50283),
+                  cls_id=hf.get("cls_token_id", 50281), sep_id=hf.get("sep_token_id", 50282))
+
+
+def config_to_hf(c):
+    # The field names of the released answerdotai/ModernBERT-base config.json, which every
+    # transformers version since ModernBERT's release reads.
+    return {"architectures": ["ModernBertForMaskedLM"], "model_type": "modernbert",
+            "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "intermediate_size": c.d_ff, "hidden_activation": "gelu",
+            "max_position_embeddings": c.max_seq_len, "local_attention": c.window,
+            "global_attn_every_n_layers": c.global_every, "global_rope_theta": c.global_theta,
+            "local_rope_theta": c.local_theta, "norm_eps": c.norm_eps, "norm_bias": False,
+            "attention_bias": False, "mlp_bias": False, "decoder_bias": True, "classifier_activation": "gelu",
+            "attention_dropout": c.attn_out_dropout, "embedding_dropout": 0.0, "mlp_dropout": 0.0,
+            "initializer_range": c.init_std, "initializer_cutoff_factor": 2.0, "tie_word_embeddings": True,
+            "pad_token_id": c.pad_id, "cls_token_id": c.cls_id, "sep_token_id": c.sep_id,
+            "bos_token_id": c.cls_id, "eos_token_id": c.sep_id, "torch_dtype": "float32"}
