@@ -308,6 +308,8 @@ class ModernBERT(nn.Module):
     @property
     def attention_backend(self):
         """"flash" on CUDA when flash-attn imports, else "sdpa" (PyTorch, any device)."""
+        if self.backend == "flash" and flash_attn_varlen_qkvpacked_func is None:
+            raise RuntimeError("backend 'flash' was asked for, but flash_attn does not import here")
         if self.backend != "auto":
             return self.backend
         on_cuda = self.tok_embeddings.weight.is_cuda
@@ -330,17 +332,22 @@ class ModernBERT(nn.Module):
     def body(self, tokens, cu_seqlens):
         """(total_tokens,) ids and document boundaries -> (total_tokens, d_model) final states."""
         docs = Documents(cu_seqlens)
-        if self.attention_backend == "flash":
-            plan = None
-        else:  # the masks and gathers of the SDPA path are built once, shared by every layer
-            plan = {"groups": length_groups(docs), "block_mask": local_block_mask(docs, self.config.window // 2)}
-        head_dim = self.config.head_dim
-        rope = {True: rope_tables(docs.positions, head_dim, self.config.global_theta),
-                False: rope_tables(docs.positions, head_dim, self.config.local_theta)}
+        plan, rope = self.attention_inputs(docs)
         x = self.embed_norm(self.tok_embeddings(tokens))                 # (total_tokens, d_model)
         for block in self.layers:
             x = block(x, docs, rope[block.is_global], plan)
         return self.final_norm(x)
+
+    def attention_inputs(self, docs):
+        """What every layer's attention shares: the SDPA path's gathers and masks (None for flash),
+        and the RoPE tables of global (True) and local (False) layers."""
+        plan = None
+        if self.attention_backend == "sdpa":
+            plan = {"groups": length_groups(docs), "block_mask": local_block_mask(docs, self.config.window // 2)}
+        c = self.config
+        rope = {True: rope_tables(docs.positions, c.head_dim, c.global_theta),
+                False: rope_tables(docs.positions, c.head_dim, c.local_theta)}
+        return plan, rope
 
     def encode(self, input_ids, attention_mask=None, cu_seqlens=None):
         """Final hidden states in the caller's layout: for embeddings and fine-tuning."""

@@ -148,7 +148,7 @@ def load_tokenizer(path):
 
 # ----------------------------------------------------------------------------- encoding, writing
 
-def encode_documents(tok, docs, dtype, desc, batch_size=64):
+def encode_documents(tok, docs, dtype, desc, batch_size=256):
     """Token ids of all documents, each as [CLS] ... [SEP], and the document start offsets."""
     tok.no_truncation()  # a loaded tokenizer.json may carry truncation or padding settings
     tok.no_padding()
@@ -165,6 +165,7 @@ def encode_documents(tok, docs, dtype, desc, batch_size=64):
 
 
 def as_bytes(name, value):
+    """The file content of one output: text, a .npy array, or raw token ids."""
     if isinstance(value, str):
         return value.encode("utf-8")
     if name.endswith(".npy"):
@@ -184,9 +185,10 @@ def write_outputs(out_dir, outputs):
         with tqdm(total=sum(map(len, data.values())), desc="writing", unit="B", unit_scale=True) as bar:
             for name, content in data.items():
                 with open(tmp[name], "wb") as f:
-                    for i in range(0, len(content), 1 << 24):
-                        f.write(content[i:i + (1 << 24)])
-                        bar.update(len(content[i:i + (1 << 24)]))
+                    for i in range(0, len(content), 1 << 24):  # 16 MB at a time, for the bar
+                        chunk = content[i:i + (1 << 24)]
+                        f.write(chunk)
+                        bar.update(len(chunk))
         (out_dir / "meta.json").unlink(missing_ok=True)
         for name in sorted(outputs, key=lambda n: n == "meta.json"):
             os.replace(tmp[name], out_dir / name)

@@ -1,0 +1,336 @@
+"""Tests of modernbert.py against independent references: Hugging Face transformers' ModernBERT
+(its sdpa implementation), brute-force recomputation, and hand-worked counts. CPU, fp32."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import modernbert
+from modernbert import Config, Documents, ModernBERT, config_for
+
+transformers = pytest.importorskip("transformers")
+
+SPECIAL = dict(pad_id=0, cls_id=1, sep_id=2)
+# Three shapes that differ in depth, width, heads, window and the global/local pattern.
+CONFIGS = {
+    "narrow": Config(vocab_size=320, n_layers=4, d_model=64, n_heads=4, d_ff=96, window=16, global_every=3,
+                     global_theta=160_000.0, local_theta=10_000.0, max_seq_len=512, **SPECIAL),
+    "wide_heads": Config(vocab_size=256, n_layers=5, d_model=96, n_heads=3, d_ff=160, window=32, global_every=2,
+                         global_theta=10_000.0, local_theta=10_000.0, max_seq_len=512, **SPECIAL),
+    "one_global": Config(vocab_size=192, n_layers=4, d_model=128, n_heads=8, d_ff=64, window=8, global_every=4,
+                         global_theta=50_000.0, local_theta=2_000.0, max_seq_len=512, **SPECIAL),
+}
+
+
+def seeded(config, seed=0):
+    """A model whose every parameter, norms and decoder bias included, is random (init makes norms
+    exactly one, which would hide a norm that is skipped or misplaced)."""
+    torch.manual_seed(seed)
+    model = ModernBERT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return model
+
+
+def padded_batch(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), max(lengths)), generator=g)
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return ids.masked_fill(~mask, 0), mask
+
+
+def lengths_for(config):
+    w = config.window
+    # 1, a multiple of 32, below / at / just past the half window and the window, and far above it.
+    return [1, 64, w // 2 - 1, w // 2, w // 2 + 1, w, w + 1, 7 * w + 5]
+
+
+def hf_logits(hf_model, ids, mask):
+    with torch.no_grad():
+        return hf_model(input_ids=ids, attention_mask=mask.long()).logits
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+def test_parameter_counts_match_transformers():
+    for name, expected in [("base", 149_655_232), ("large", 395_881_664)]:
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            ours = ModernBERT(config_for(name))
+        c = ours.config
+        hf_config = transformers.ModernBertConfig(vocab_size=c.vocab_size, hidden_size=c.d_model,
+                                                  num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                                                  intermediate_size=c.d_ff)
+        with torch.device("meta"):
+            hf = transformers.ModernBertForMaskedLM(hf_config)
+        assert sum(p.numel() for p in ours.parameters()) == expected
+        assert sum(p.numel() for p in hf.parameters()) == expected
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ours_saved_loads_in_transformers_with_same_logits(name, tmp_path):
+    config = CONFIGS[name]
+    ours = seeded(config)
+    ours.save_pretrained(tmp_path)
+    hf, info = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path, attn_implementation="sdpa",
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids, mask = padded_batch(lengths_for(config), config.vocab_size)
+    with torch.no_grad():
+        logits, _ = ours(ids, attention_mask=mask)
+    assert (logits - hf_logits(hf.eval(), ids, mask))[mask].abs().max() <= 1e-4
+    assert logits[~mask].abs().max() == 0  # padding comes back as zeros
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_transformers_checkpoint_loads_with_same_logits(name, tmp_path):
+    c = CONFIGS[name]
+    hf_config = transformers.ModernBertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, intermediate_size=c.d_ff, local_attention=c.window,
+        global_attn_every_n_layers=c.global_every, global_rope_theta=c.global_theta,
+        local_rope_theta=c.local_theta, pad_token_id=0, bos_token_id=1, cls_token_id=1, eos_token_id=2,
+        sep_token_id=2, max_position_embeddings=c.max_seq_len)
+    torch.manual_seed(1)
+    hf = transformers.ModernBertForMaskedLM(hf_config).eval()
+    with torch.no_grad():  # random norms and decoder bias here too
+        for name_, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    ours = ModernBERT.from_pretrained(tmp_path).eval()
+    assert ours.config == c
+    ids, mask = padded_batch(lengths_for(c), c.vocab_size, seed=1)
+    with torch.no_grad():
+        logits, _ = ours(ids, attention_mask=mask)
+    assert (logits - hf_logits(hf, ids, mask))[mask].abs().max() <= 1e-4
+
+
+def test_released_config_layout_is_understood():
+    # The released answerdotai/ModernBERT-base config.json (abridged): the legacy field names.
+    released = {"vocab_size": 50368, "hidden_size": 768, "num_hidden_layers": 22, "num_attention_heads": 12,
+                "intermediate_size": 1152, "hidden_activation": "gelu", "global_attn_every_n_layers": 3,
+                "local_attention": 128, "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
+                "max_position_embeddings": 8192, "norm_eps": 1e-05, "norm_bias": False, "attention_bias": False,
+                "mlp_bias": False, "decoder_bias": True, "pad_token_id": 50283, "cls_token_id": 50281,
+                "sep_token_id": 50282, "initializer_range": 0.02, "tie_word_embeddings": True}
+    assert modernbert.config_from_hf(released) == config_for("base")
+    with pytest.raises(ValueError, match="attention_bias"):
+        modernbert.config_from_hf({**released, "attention_bias": True})
+
+
+def test_loading_a_mismatched_checkpoint_names_the_tensor(tmp_path):
+    seeded(CONFIGS["narrow"]).save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.mlp.Wo.weight"] = tensors["model.layers.1.mlp.Wo.weight"][:, :-1].contiguous()
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(AssertionError, match="layers.1.mlp.Wo.weight"):
+        ModernBERT.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- unpadding and packing
+
+def test_batch_invariance_alone_padded_packed():
+    config = CONFIGS["narrow"]
+    model = seeded(config)
+    lengths = lengths_for(config)
+    ids, mask = padded_batch(lengths, config.vocab_size, seed=2)
+    with torch.no_grad():
+        batched, _ = model(ids, attention_mask=mask)
+        stream = ids[mask]
+        cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+        packed, _ = model(stream, cu_seqlens=cu)
+        for i, n in enumerate(lengths):
+            alone, _ = model(ids[i:i + 1, :n])
+            assert torch.isfinite(alone).all()
+            assert (alone[0] - batched[i, :n]).abs().max() <= 1e-5
+            assert (alone[0] - packed[cu[i]:cu[i + 1]]).abs().max() <= 1e-5
+    assert torch.isfinite(batched).all() and torch.isfinite(packed).all()
+
+
+def test_no_attention_across_documents_in_a_packed_stream():
+    config = CONFIGS["wide_heads"]
+    model = seeded(config)
+    g = torch.Generator().manual_seed(3)
+    first, second = torch.randint(3, config.vocab_size, (70,), generator=g), torch.randint(3, config.vocab_size, (50,), generator=g)
+    cu = torch.tensor([0, 70, 120], dtype=torch.int32)
+    with torch.no_grad():
+        a, _ = model(torch.cat([first, second]), cu_seqlens=cu)
+        b, _ = model(torch.cat([first, torch.randint(3, config.vocab_size, (50,), generator=g)]), cu_seqlens=cu)
+    assert torch.equal(a[:70], b[:70])  # the first document cannot tell what follows it
+    assert (a[70:] - b[70:]).abs().max() > 1e-3
+
+
+def test_all_padding_row_and_padding_tokens_do_no_harm():
+    config = CONFIGS["narrow"]
+    model = seeded(config)
+    ids, mask = padded_batch([5, 1], config.vocab_size)
+    ids = torch.cat([ids, torch.full((1, 5), 7)])
+    mask = torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)])  # a row with no real token
+    with torch.no_grad():
+        logits, _ = model(ids, attention_mask=mask)
+        changed, _ = model(ids.masked_fill(~mask, 9), attention_mask=mask)
+    assert torch.isfinite(logits).all() and logits[2].abs().max() == 0
+    assert torch.equal(logits, changed)
+
+
+# ----------------------------------------------------------------------------- the local window
+
+def layer_output(model, index, x, cu):
+    """The attention output of one layer, on a single stream x (total_tokens, d_model)."""
+    docs = Documents(cu)
+    plan, rope = model.attention_inputs(docs)
+    block = model.layers[index]
+    return block.attn(x, docs, rope[block.is_global], plan)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_window_boundary(name):
+    config = CONFIGS[name]
+    model = seeded(config)
+    w = config.window // 2
+    n = 6 * config.window + 7
+    x = torch.randn(n, config.d_model)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    local = next(i for i, b in enumerate(model.layers) if not b.is_global)
+    glob = next(i for i, b in enumerate(model.layers) if b.is_global)
+    for query in [0, w - 1, 2 * w + 3, n // 2, n - 1]:
+        for sign in (+1, -1):
+            inside, outside = query + sign * w, query + sign * (w + 1)
+            for key, sees in [(inside, True), (outside, False)]:
+                if not 0 <= key < n:
+                    continue
+                y = x.clone()
+                y[key] += 1.0
+                with torch.no_grad():
+                    delta = (layer_output(model, local, y, cu) - layer_output(model, local, x, cu))[query].abs().max()
+                    delta_global = (layer_output(model, glob, y, cu) - layer_output(model, glob, x, cu))[query].abs().max()
+                assert (delta > 1e-4) if sees else (delta <= 1e-6), (query, key, float(delta))
+                assert delta_global > 1e-4  # a global layer sees every distance
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces while the mode is on."""
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_local_attention_memory_grows_linearly():
+    config = CONFIGS["narrow"]
+    model = seeded(config)
+    local = next(i for i, b in enumerate(model.layers) if not b.is_global)
+    largest = {}
+    for n in (1024, 4096):
+        x = torch.randn(n, config.d_model)
+        with torch.no_grad(), LargestTensor() as probe:
+            layer_output(model, local, x, torch.tensor([0, n], dtype=torch.int32))
+        largest[n] = probe.largest
+    # 4x the tokens: about 4x the memory (linear), where a dense n x n mask or score matrix
+    # would grow 16x (and already hold n * n = 16.7M elements at n = 4096).
+    assert largest[4096] <= 4.5 * largest[1024], largest
+    assert largest[4096] < 4096 * 4096 // 4, largest
+
+
+# ----------------------------------------------------------------------------- the MLM head
+
+def test_sparse_prediction_loss_equals_dense_loss():
+    config = CONFIGS["one_global"]
+    model = seeded(config)
+    ids, mask = padded_batch([40, 17, 3], config.vocab_size, seed=4)
+    g = torch.Generator().manual_seed(5)
+    labels = torch.where(mask & (torch.rand(ids.shape, generator=g) < 0.3), ids, -100)
+    labels[2, 0] = ids[2, 0]  # at least one label in the short row
+    with torch.no_grad():
+        dense, _ = model(ids, attention_mask=mask)
+        sparse_logits, sparse_loss = model(ids, attention_mask=mask, labels=labels)
+    dense_loss = F.cross_entropy(dense.view(-1, config.vocab_size), labels.view(-1), ignore_index=-100)
+    assert abs(float(sparse_loss) - float(dense_loss)) <= 1e-5
+    assert (sparse_logits - dense[labels != -100]).abs().max() <= 1e-5
+    assert sparse_logits.shape == ((labels != -100).sum(), config.vocab_size)
+
+
+def test_init_follows_the_paper():
+    config = config_for("small", vocab_size=4096)
+    model = ModernBERT(config)
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)
+    wqkv, wo = model.layers[1].attn.Wqkv.weight, model.layers[1].mlp.Wo.weight
+    assert wqkv.abs().max() <= 2 * std and wo.abs().max() <= 2 * out_std
+    assert abs(wqkv.std().item() - std * 0.88) < 0.002  # a normal cut at 2 std keeps 0.88 of its std
+    assert abs(wo.std().item() - out_std * 0.88) < 0.0005
+    assert model.decoder.weight is model.tok_embeddings.weight
+    assert torch.equal(model.decoder.bias, torch.zeros(config.vocab_size))
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
+    assert isinstance(model.layers[0].attn_norm, torch.nn.Identity)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_flops_per_token_matches_a_flop_counter():
+    """With every layer global the counter sees exactly the matmuls we count; local layers then
+    replace seq_len keys by window + 1, which we check by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+    config = replace_config(CONFIGS["narrow"], global_every=1)
+    model = seeded(config)
+    n = 100
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randint(3, config.vocab_size, (1, n)))
+    assert counter.get_total_flops() == pytest.approx(n * model.flops_per_token(n, training=False), rel=1e-9)
+    local = seeded(CONFIGS["narrow"])  # layers 0 and 3 global, 1 and 2 local with window 16
+    d, keys = config.d_model, 2 * n + 2 * (16 + 1)
+    assert local.flops_per_token(n, training=False) - model.flops_per_token(n, training=False) == 4 * d * (keys - 4 * n)
+    assert local.flops_per_token(n) == 3 * local.flops_per_token(n, training=False)
+
+
+def replace_config(config, **changes):
+    from dataclasses import replace
+    return replace(config, **changes)
+
+
+# ----------------------------------------------------------------------------- the GPU path
+
+needs_flash = pytest.mark.skipif(not torch.cuda.is_available() or modernbert.flash_attn_varlen_qkvpacked_func is None,
+                                 reason="needs CUDA and flash-attn")
+
+
+@needs_flash
+@pytest.mark.parametrize("name", CONFIGS)
+def test_flash_path_matches_sdpa_path(name):
+    config = CONFIGS[name]
+    model = seeded(config).cuda().to(torch.bfloat16)
+    ids, mask = padded_batch(lengths_for(config), config.vocab_size)
+    ids, mask = ids.cuda(), mask.cuda()
+    assert model.attention_backend == "flash"
+    with torch.no_grad():
+        flash, _ = model(ids, attention_mask=mask)
+        model.backend = "sdpa"
+        sdpa, _ = model(ids, attention_mask=mask)
+    scale = sdpa[mask].float().abs().max()
+    assert (flash - sdpa)[mask].float().abs().max() <= 2e-2 * scale
+
+
+@needs_flash
+def test_flash_window_boundary():
+    config = CONFIGS["narrow"]
+    model = seeded(config).cuda()
+    model.backend = "flash"
+    w, n = config.window // 2, 200
+    x = torch.randn(n, config.d_model, device="cuda")
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    query = 100
+    for key, sees in [(query + w, True), (query + w + 1, False), (query - w, True), (query - w - 1, False)]:
+        y = x.clone()
+        y[key] += 1.0
+        with torch.no_grad():
+            delta = (layer_output(model, 1, y, cu) - layer_output(model, 1, x, cu))[query].abs().max()
+        assert (delta > 1e-3) if sees else (delta == 0), (key, float(delta))
