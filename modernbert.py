@@ -129,10 +129,15 @@ def rope_tables(positions, head_dim, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (i, i + head_dim/2) of x: (total_tokens, n_heads, head_dim), in fp32."""
-    first, second = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return (x.float() * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    """Rotates each pair (i, i + head_dim/2) of x: (total_tokens, ..., head_dim), in fp32. The same
+    as x * cos + cat(-second_half, first_half) * sin, without materialising the concatenation."""
+    x = x.float()
+    cos, sin = (t.view(len(t), *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 # ----------------------------------------------------------------------------- attention kernels
@@ -236,8 +241,8 @@ class Attention(nn.Module):
 
     def forward(self, x, docs, rope, plan):  # x: (total_tokens, d_model)
         qkv = self.Wqkv(x).view(len(x), 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.unbind(dim=1)                                      # (total, heads, head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(qkv[:, :2], *rope).to(qkv.dtype).unbind(dim=1)  # (total, heads, head_dim)
+        v = qkv[:, 2]
         if plan is None:
             out = flash_attention(q, k, v, docs, self.half_window)
         elif self.half_window is None:

@@ -1,0 +1,316 @@
+"""
+Speed and memory of modernbert.py against Hugging Face transformers' ModernBertForMaskedLM, on the
+same weights and the same inputs. The workloads are the paper's Table 2 shapes:
+
+    short_fixed   every sequence 512 tokens
+    short_var     lengths ~ Normal(256, 64), clipped to [16, 512]
+    long_fixed    every sequence 8192 tokens
+    long_var      lengths ~ Normal(4096, 1024), clipped to [16, 8192]
+    train         one training step (forward, backward, AdamW) on short_var documents with 30% of
+                  tokens masked: ours gets them packed, transformers padded with its own sparse
+                  prediction switched on
+
+Inference times the encoder (final hidden states, as for embeddings and retrieval); before any
+timing both models must agree on the MLM logits of the very inputs that are timed.
+
+    python bench.py                              # base width, 6 layers: a minute or two on a CPU
+    python bench.py --layers 22 --device cuda --dtype bf16
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from modernbert import ModernBERT, config_for
+
+WORKLOADS = ["short_fixed", "short_var", "long_fixed", "long_var", "train"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base", help="model shape: base or large")
+    p.add_argument("--layers", type=int, default=6, help="depth (base has 22); 6 keeps 1 global in 3")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--short_batch", type=int, default=16, help="sequences per short batch")
+    p.add_argument("--long_batch", type=int, default=1, help="sequences per long batch")
+    p.add_argument("--train_batch", type=int, default=8, help="documents per training step")
+    p.add_argument("--short_len", type=int, default=512)
+    p.add_argument("--long_len", type=int, default=8192)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--_memory_probe", nargs=3, metavar=("IMPL", "WORKLOAD", "DIR"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_lengths(workload, args, g):
+    max_len, batch = {"short": (args.short_len, args.short_batch), "long": (args.long_len, args.long_batch),
+                      "train": (args.short_len, args.train_batch)}[workload.split("_")[0]]
+    if workload.endswith("fixed"):
+        return [max_len] * batch
+    mean = max_len / 2
+    lengths = torch.normal(mean, mean / 4, (batch,), generator=g).round().clamp(16, max_len)
+    return [int(n) for n in lengths]
+
+
+def make_batch(workload, args, vocab_size, device):
+    """A padded batch (ids, mask), the same for both models; for train also MLM labels."""
+    g = torch.Generator().manual_seed(args.seed + WORKLOADS.index(workload))
+    lengths = make_lengths(workload, args, g)
+    T = max(lengths)
+    ids = torch.randint(5, vocab_size, (len(lengths), T), generator=g)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    ids = ids.masked_fill(~mask, 0)
+    labels = torch.where(mask & (torch.rand(ids.shape, generator=g) < 0.3), ids, -100)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+# ----------------------------------------------------------------------------- the two models
+
+def build_models(args, device, dtype, hf_dir, names=None):
+    """Ours with random weights, saved once and loaded into transformers: identical weights.
+    `names` picks a subset (the memory probe loads only the model it measures)."""
+    from transformers import ModernBertForMaskedLM
+    if not os.path.exists(os.path.join(hf_dir, "config.json")):
+        torch.manual_seed(args.seed)
+        config = config_for(args.preset, n_layers=args.layers, max_seq_len=max(args.long_len, args.short_len))
+        ModernBERT(config).save_pretrained(hf_dir)
+    names = names or ["ours", "hf_sdpa"] + (["hf_flash_attention_2"] if device.type == "cuda" and flash_available() else [])
+    models = {}
+    for name in names:
+        if name == "ours":
+            models[name] = ModernBERT.from_pretrained(hf_dir)
+        else:  # transformers with its own sparse prediction on, so its training step is at its best
+            impl = name.removeprefix("hf_")
+            models[name] = ModernBertForMaskedLM.from_pretrained(hf_dir, attn_implementation=impl, sparse_prediction=True)
+    return {name: m.to(device=device, dtype=dtype).eval() for name, m in models.items()}
+
+
+def flash_available():
+    import modernbert
+    return modernbert.flash_attn_varlen_qkvpacked_func is not None
+
+
+def inference_fn(name, model, ids, mask, labels):
+    if name == "ours":
+        return lambda: model.encode(ids, attention_mask=mask)
+    return lambda: model.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+
+def train_fn(name, model, ids, mask, labels):
+    """One optimizer step. Ours: the same documents as one packed stream with cu_seqlens."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if name == "ours":
+        stream, stream_labels = ids[mask], labels[mask]
+        cu = torch.nn.functional.pad(mask.sum(-1).cumsum(0), (1, 0)).int()
+        forward = lambda: model(stream, cu_seqlens=cu, labels=stream_labels)[1]
+    else:
+        forward = lambda: model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+
+    def step():
+        loss = forward()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def check_same_logits(models, ids, mask, dtype):
+    """A fast wrong answer does not count: every model must give the reference's MLM logits."""
+    with torch.no_grad():
+        ours, _ = models["ours"](ids, attention_mask=mask)
+        scale = ours[mask].float().abs().max()
+        for name, m in models.items():
+            if name != "ours":
+                theirs = m(input_ids=ids, attention_mask=mask.long()).logits
+                diff = (ours - theirs)[mask].float().abs().max() / scale
+                limit = 1e-4 if dtype == torch.float32 else 3e-2
+                if not diff <= limit:
+                    sys.exit(f"bench.py: error: {name} and ours disagree: max relative logit difference {diff:.2e}")
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+def time_median(fns, device, warmup, repeat, trains=False):
+    """Median seconds of each function. The functions take turns, run by run, so that a change
+    in the machine's load (other processes, clock boosts) hits every model alike."""
+    times = {name: [] for name in fns}
+    with torch.inference_mode(mode=not trains):
+        for i in range(warmup + repeat):
+            for name, fn in fns.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_mib(fn, device):
+    """CUDA: max allocated during one run, over what was allocated before it. CPU: the growth of
+    this process's peak resident memory (the kernel's high-water mark, reset just before) over its
+    resident memory before the run. The probe process runs with a fixed mmap threshold and trims
+    malloc first, so freed tensors go back to the system instead of hiding in malloc's caches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if not os.path.exists("/proc/self/clear_refs"):
+        return float("nan")  # not Linux: no resettable high-water mark
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before = rss_kib("VmRSS")
+    fn()
+    return (rss_kib("VmHWM") - before) / 1024
+
+
+def memory_probe(args):
+    """Runs in a fresh process so that one measurement's caches cannot hide in another's peak."""
+    impl, workload, hf_dir = args._memory_probe
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model = build_models(args, device, dtype, hf_dir, names=[impl])[impl]
+    ids, mask, labels = make_batch(workload, args, model.config.vocab_size, device)
+    make = train_fn if workload == "train" else inference_fn
+    fn = make(impl, model, ids, mask, labels)
+    if workload == "train":
+        fn()  # the first step creates the optimizer state: measure a steady-state step
+        print(json.dumps(peak_memory_mib(fn, device)))
+    else:
+        with torch.inference_mode():
+            fn()
+            print(json.dumps(peak_memory_mib(fn, device)))
+
+
+def measure_memory(args, impl, workload, hf_dir):
+    argv = [sys.executable, __file__, "--_memory_probe", impl, workload, hf_dir]
+    for key in ["preset", "layers", "short_batch", "long_batch", "train_batch", "short_len", "long_len", "device", "dtype", "seed"]:
+        argv += [f"--{key}", str(getattr(args, key))]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # big tensors: mmap'd, unmapped when freed
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"bench.py: error: memory probe failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak(device, dtype, n=2048, repeat=5):
+    """FLOP/s of one large square matmul: the ceiling for this device and dtype."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = time_median({"matmul": lambda: a @ b}, device, warmup=2, repeat=repeat)["matmul"]
+    return 2 * n ** 3 / seconds
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args._memory_probe:
+        return memory_probe(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    workloads = args.workloads.split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        sys.exit(f"bench.py: error: unknown workload(s) {sorted(unknown)}; choose from {WORKLOADS}")
+    hf_dir = tempfile.mkdtemp(prefix="bench_modernbert_")
+    models = build_models(args, device, dtype, hf_dir)
+    ours = models["ours"]
+    print(f"device {device}, dtype {str(dtype).split('.')[-1]}, {args.preset} width with {args.layers} layers, "
+          f"our attention backend: {ours.attention_backend}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+          file=sys.stderr)
+    peak = matmul_peak(device, dtype)
+    results = []
+    for workload in workloads:
+        ids, mask, labels = make_batch(workload, args, ours.config.vocab_size, device)
+        tokens = int(mask.sum())
+        check_same_logits(models, ids, mask, dtype)
+        row = {"workload": workload, "shape": list(ids.shape), "real_tokens": tokens,
+               "padding": round(1 - tokens / ids.numel(), 3)}
+        trains = workload == "train"
+        make = train_fn if trains else inference_fn
+        fns = {name: make(name, model, ids, mask, labels) for name, model in models.items()}
+        seconds = time_median(fns, device, args.warmup, args.repeat, trains)
+        for name, model in models.items():
+            model.eval()
+            row[f"{name}_tok_s"] = tokens / seconds[name]
+            if not args.no_memory:
+                row[f"{name}_mem_mib"] = measure_memory(args, name, workload, hf_dir)
+            print(f"{workload:12s} {name:22s} {row[f'{name}_tok_s']:10.0f} tok/s", file=sys.stderr)
+        row["speedup"] = row["ours_tok_s"] / row["hf_sdpa_tok_s"]
+        if not args.no_memory:
+            row["memory_ratio"] = row["ours_mem_mib"] / row["hf_sdpa_mem_mib"]
+        if workload == "short_fixed":
+            row["ours_tflops"] = row["ours_tok_s"] * ours.flops_per_token(args.short_len, 0.0, training=False) / 1e12
+            row["matmul_peak_tflops"] = peak / 1e12
+        results.append(row)
+    if args.json:
+        print(json.dumps({"device": str(device), "dtype": str(dtype), "preset": args.preset, "layers": args.layers,
+                          "results": results}, indent=2))
+    else:
+        print_table(results, models)
+
+
+def print_table(results, models):
+    names = [n for n in models]
+    head = f"| workload | tokens (padding) | " + " | ".join(f"{n} tok/s" for n in names) + " | ours / hf_sdpa | memory ours / hf_sdpa (MiB) |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in results:
+        speeds = " | ".join(f"{r[f'{n}_tok_s']:,.0f}" for n in names)
+        mem = f"{r['ours_mem_mib']:,.0f} / {r['hf_sdpa_mem_mib']:,.0f} ({r['memory_ratio']:.2f}x)" if "memory_ratio" in r else "-"
+        print(f"| {r['workload']} | {r['real_tokens']:,} ({r['padding']:.0%}) | {speeds} | {r['speedup']:.2f}x | {mem} |")
+    for r in results:
+        if "ours_tflops" in r:
+            print(f"\nshort_fixed: ours {r['ours_tflops'] * 1e3:.0f} GFLOP/s, a large matmul {r['matmul_peak_tflops'] * 1e3:.0f} "
+                  f"GFLOP/s ({r['ours_tflops'] / r['matmul_peak_tflops']:.0%} of it)")
+
+
+if __name__ == "__main__":
+    main()
