@@ -154,39 +154,34 @@ def flash_attention(q, k, v, docs, half_window):
 
 
 def length_groups(docs):
-    """Groups documents of similar length, for the global SDPA path: each group is padded only to
-    its own longest member, so padding costs at most (4/3)^2 of the real attention work."""
-    order = sorted(((n, i) for i, n in enumerate(docs.lengths) if n > 0), reverse=True)
-    groups, current = [], []
-    for n, i in order:
-        longest = current[0][0] if current else n
-        if current and longest > 64 and 4 * n < 3 * longest:
-            groups.append(current)
-            current = []
-        current.append((n, i))
-    groups.append(current)
-    plans = []
-    for group in filter(None, groups):
-        lengths = torch.tensor([n for n, _ in group], device=docs.cu_seqlens.device)
-        starts = docs.cu_seqlens[[i for _, i in group]].long()
-        offsets = torch.arange(group[0][0], device=lengths.device)
-        valid = offsets < lengths[:, None]                               # (n_docs, longest)
-        index = torch.where(valid, starts[:, None] + offsets, starts[:, None])
-        plans.append((index, None if bool(valid.all()) else valid))
-    return plans
+    """For the global SDPA path: documents of equal length, side by side, share one SDPA call with
+    nothing padded or masked. Returns the token order that puts them side by side (None when the
+    stream already is), its inverse, and (n_docs, length) for each run of equal lengths."""
+    by_length = {}
+    for i, n in enumerate(docs.lengths):
+        if n > 0:
+            by_length.setdefault(n, []).append(i)
+    runs = [(len(ids), n) for n, ids in by_length.items()]
+    doc_order = [i for ids in by_length.values() for i in ids]
+    if doc_order == sorted(doc_order):
+        return None, None, runs
+    starts = docs.cu_seqlens[:-1].long()
+    order = torch.cat([(starts[ids][:, None] + torch.arange(n, device=starts.device)).flatten()
+                       for n, ids in by_length.items()])
+    return order, torch.argsort(order), runs
 
 
 def sdpa_global(q, k, v, groups):
-    out = torch.empty_like(q)
-    for index, valid in groups:
-        qg, kg, vg = (t[index].transpose(1, 2) for t in (q, k, v))       # (n_docs, heads, longest, hd)
-        mask = None if valid is None else valid[:, None, None, :]        # hide the group's padding
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).transpose(1, 2)
-        if valid is None:
-            out[index] = og
-        else:
-            out[index[valid]] = og[valid]
-    return out
+    order, inverse, runs = groups
+    if order is not None:
+        q, k, v = q[order], k[order], v[order]
+    sizes = [n_docs * length for n_docs, length in runs]
+    outs = []
+    for (n_docs, length), qg, kg, vg in zip(runs, q.split(sizes), k.split(sizes), v.split(sizes)):
+        qg, kg, vg = (t.unflatten(0, (n_docs, length)).transpose(1, 2) for t in (qg, kg, vg))
+        outs.append(F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).flatten(0, 1))
+    out = torch.cat(outs)                                                # (total, heads, head_dim)
+    return out if order is None else out[inverse]
 
 
 def local_block_mask(docs, half_window):
