@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=6, help="depth (base has 22); 6 keeps 1 global in 3")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--short_batch", type=int, default=16, help="sequences per short batch")
-    p.add_argument("--long_batch", type=int, default=1, help="sequences per long batch")
-    p.add_argument("--train_batch", type=int, default=8, help="documents per training step")
+    p.add_argument("--long_batch", type=int, default=2, help="sequences per long batch")
+    p.add_argument("--train_batch", type=int, default=16, help="documents per training step")
     p.add_argument("--short_len", type=int, default=512)
     p.add_argument("--long_len", type=int, default=8192)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory_probe", nargs=3, metavar=("IMPL", "WORKLOAD", "DIR"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -231,8 +232,9 @@ def memory_probe(args):
 
 def measure_memory(args, impl, workload, hf_dir):
     argv = [sys.executable, __file__, "--_memory_probe", impl, workload, hf_dir]
-    for key in ["preset", "layers", "short_batch", "long_batch", "train_batch", "short_len", "long_len", "device", "dtype", "seed"]:
-        argv += [f"--{key}", str(getattr(args, key))]
+    for key in ["preset", "layers", "short_batch", "long_batch", "train_batch", "short_len", "long_len", "device", "dtype", "seed", "threads"]:
+        if getattr(args, key) is not None:
+            argv += [f"--{key}", str(getattr(args, key))]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # big tensors: mmap'd, unmapped when freed
     out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -251,6 +253,8 @@ def matmul_peak(device, dtype, n=2048, repeat=5):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args._memory_probe:
         return memory_probe(args)
     device = pick_device(args.device)
