@@ -1,0 +1,469 @@
+"""Tests of train.py: schedules, masking, packing, StableAdamW, tiling, exact resume, DDP, faults,
+and a smoke run on the real corpus. CPU only, tiny models; python -m pytest -q test_train.py"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from modernbert import Config, ModernBERT
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and a second thread on a busy machine waits for
+    # its core at every op: one thread keeps these tests fast and their timing steady.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_data(path, doc_lengths, val_lengths=(40, 50, 60), vocab=320, seed=0):
+    """A data directory in prepare.py's format: random ordinary ids, each document [CLS] ... [SEP]."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    meta = {"vocab_size": vocab, "tokenizer_vocab_size": vocab, "dtype": "uint16",
+            "cls_id": 0, "sep_id": 1, "pad_id": 2, "mask_id": 3, "unk_id": 4, "splits": {}}
+    for split, lengths in (("train", doc_lengths), ("val", val_lengths)):
+        docs = [np.concatenate([[0], rng.integers(5, vocab, n - 2), [1]]) for n in lengths]
+        np.concatenate(docs).astype(np.uint16).tofile(path / f"{split}.bin")
+        np.save(path / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        meta["splits"][split] = {"docs": len(lengths), "tokens": int(sum(lengths))}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--seq_len", "32", "--tokens", "100000",
+            "--lr", "3e-3", "--warmup_tokens", "256", "--batch_size", "4", "--min_batch_size", "2",
+            "--batch_warmup_tokens", "256", "--micro_batch", "2", "--eval_tokens", "128", "--eval_every", "3",
+            "--ckpt_every", "2", "--device", "cpu", "--dtype", "fp32", *extra]
+
+
+def log_of(out, phase):
+    return [json.loads(line) for line in (Path(out) / f"phase{phase}" / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out, phase=1):
+    return [(r["step"], r["loss"]) for r in log_of(out, phase) if "loss" in r]
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(1)
+    return write_data(tmp_path / "data", rng.integers(5, 90, 200).tolist())
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def test_lr_schedule_hand_picked_points():
+    # phase 1: linear warmup over 1000 tokens, then constant
+    assert train.lr_at(1, 250, 1e-3, 1000, 10_000) == pytest.approx(2.5e-4)
+    assert train.lr_at(1, 1000, 1e-3, 1000, 10_000) == pytest.approx(1e-3)
+    assert train.lr_at(1, 9000, 1e-3, 1000, 10_000) == pytest.approx(1e-3)
+    # phase 2: constant from the first token
+    assert train.lr_at(2, 1, 3e-4, 0, 10_000) == train.lr_at(2, 10_000, 3e-4, 0, 10_000) == pytest.approx(3e-4)
+    # phase 3: 1 - sqrt decay to 0.001 x peak: at t/T = 1/4, sqrt = 1/2
+    assert train.lr_at(3, 0, 3e-4, 0, 10_000) == pytest.approx(3e-4)
+    assert train.lr_at(3, 2500, 3e-4, 0, 10_000) == pytest.approx(3e-4 * (0.001 + 0.999 * 0.5))
+    assert train.lr_at(3, 10_000, 3e-4, 0, 10_000) == pytest.approx(3e-7)
+    assert train.lr_at(3, 12_000, 3e-4, 0, 10_000) == pytest.approx(3e-7)  # an overshooting last batch
+
+
+def test_phase_defaults_keep_the_papers_relations():
+    phase1 = dict(train.COMMON, seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32,
+                  min_batch_size=8, batch_warmup_tokens=5000, micro_batch=8)
+    phase2 = train.derived_settings(2, phase1)
+    assert (phase2["seq_len"], phase2["tokens"], phase2["lr"]) == (2048, 250_000, pytest.approx(3e-4))
+    assert (phase2["batch_size"], phase2["min_batch_size"], phase2["micro_batch"]) == (4, 4, 1)
+    assert phase2["warmup_tokens"] == 0
+    phase3 = train.derived_settings(3, phase2)
+    assert (phase3["seq_len"], phase3["tokens"], phase3["lr"]) == (2048, 50_000, pytest.approx(3e-4))
+
+
+def test_batch_size_warmup_sizes():
+    # 2 -> 8 in steps of 2 over 300 tokens: 2, 4, 6 each for 100 tokens, then 8
+    sizes = [train.batch_size_at(t, 2, 8, 2, 300) for t in (0, 99, 100, 199, 200, 299, 300, 10_000)]
+    assert sizes == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert train.batch_size_at(0, 8, 8, 2, 300) == 8
+
+
+def test_batch_warmup_and_token_accounting_in_a_run(tmp_path):
+    # Every document exactly one row long, so a step of b sequences is exactly 32 b tokens.
+    data = write_data(tmp_path / "data", [32] * 50)
+    out = tmp_path / "out"
+    train.main(tiny_args(data, out, "--min_batch_size", "2", "--batch_size", "6", "--batch_warmup_tokens", "192",
+                         "--warmup_tokens", "320", "--lr", "1e-3", "--max_steps", "5"))
+    steps = [r for r in log_of(out, 1) if "loss" in r]
+    # by hand: sizes 2 and 4 each held for 96 tokens: t=0 -> 2, 64 -> 2, 128 -> 4, 256 -> 6, 448 -> 6
+    assert [r["batch_size"] for r in steps] == [2, 2, 4, 6, 6]
+    assert [r["tokens"] for r in steps] == [64, 128, 256, 448, 640]
+    # the LR counts tokens (read once the step's batch is in): 1e-3 x min(1, t / 320)
+    assert [r["lr"] for r in steps] == pytest.approx([2e-4, 4e-4, 8e-4, 1e-3, 1e-3])
+
+
+# ----------------------------------------------------------------------------- masking, packing
+
+def test_masking_statistics():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 320, 300_000)
+    ids[rng.random(len(ids)) < 0.2] = rng.choice([0, 1, 2], 1)[0]  # plenty of [CLS]/[SEP]/[PAD]
+    special, ordinary = train.special_and_ordinary_ids({"vocab_size": 320, "cls_id": 0, "sep_id": 1, "pad_id": 2,
+                                                        "mask_id": 3, "unk_id": 4})
+    inputs, labels = train.mask_tokens(ids, np.random.default_rng(1), 0.3, 3, special, ordinary)
+    is_special = ids < 5
+    selected = labels != -100
+    assert not (selected & is_special).any()
+    assert (inputs[is_special] == ids[is_special]).all() and (inputs[~selected] == ids[~selected]).all()
+    assert (labels[selected] == ids[selected]).all()
+    assert selected.sum() / (~is_special).sum() == pytest.approx(0.3, abs=0.005)
+    chosen, original = inputs[selected], ids[selected]
+    assert (chosen == 3).mean() == pytest.approx(0.8, abs=0.01)
+    swapped = (chosen != 3) & (chosen != original)
+    assert swapped.mean() == pytest.approx(0.1 * (1 - 1 / len(ordinary)), abs=0.01)
+    assert (chosen == original).mean() == pytest.approx(0.1 + 0.1 / len(ordinary), abs=0.01)
+    assert (chosen[swapped] >= 5).all() and (chosen[swapped] < 320).all()  # random tokens are ordinary ones
+    _, labels15 = train.mask_tokens(ids, np.random.default_rng(2), 0.15, 3, special, ordinary)
+    assert (labels15 != -100).sum() / (~is_special).sum() == pytest.approx(0.15, abs=0.005)
+
+
+def test_packing_keeps_every_token_once_and_reports_efficiency():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, 500)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    seq_len = 64
+    pieces = train.split_documents(offsets, seq_len)
+    rows, efficiency = train.pack(pieces, seq_len)
+    for start, n in pieces:  # a piece never crosses a document boundary, nor exceeds a row
+        doc = np.searchsorted(offsets, start, side="right") - 1
+        assert 0 < n <= seq_len and start + n <= offsets[doc + 1]
+    covered = np.sort(np.concatenate([np.arange(s, s + n) for row in rows for s, n in row]))
+    assert np.array_equal(covered, np.arange(offsets[-1]))  # every token exactly once
+    assert all(sum(n for _, n in row) <= seq_len for row in rows)
+    assert efficiency == pytest.approx(offsets[-1] / (len(rows) * seq_len))
+    assert efficiency >= 0.99
+    # a batch: the stream is the rows' pieces back to back, cu_seqlens their boundaries
+    tokens = np.arange(offsets[-1]) % 1000
+    batch_rows = rows[:3]
+    ids, cu_seqlens, _ = train.to_device([train.gather(tokens, r) for r in batch_rows],
+                                         [train.gather(tokens, r) for r in batch_rows], batch_rows, "cpu")
+    expected = [tokens[s:s + n] for r in batch_rows for s, n in r]
+    assert cu_seqlens.dtype == torch.int32
+    assert cu_seqlens.tolist() == np.concatenate([[0], np.cumsum([len(e) for e in expected])]).tolist()
+    assert np.array_equal(ids.numpy(), np.concatenate(expected))
+
+
+def test_real_corpus_packs_above_99_percent():
+    data_dir = HERE / "data" / "stdlib"
+    if not (data_dir / "meta.json").exists():
+        pytest.skip("data/stdlib not prepared (test_smoke builds its own copy)")
+    _, offsets = train.load_split(data_dir, "train")
+    for seq_len in (256, 2048):
+        assert train.pack(train.split_documents(offsets, seq_len), seq_len)[1] >= 0.99
+
+
+def test_eval_set_is_fixed_across_row_lengths(data):
+    meta = train.load_meta(data)
+    sets = []
+    for seq_len in (16, 64):
+        batches = train.eval_batches(data, meta, seq_len, 128, 2, 0, 1, "cpu")
+        ids = torch.cat([b[0] for b in batches])
+        labels = torch.cat([b[2] for b in batches])
+        assert len(ids) == 128
+        sets.append(sorted(zip(ids[labels != -100].tolist(), labels[labels != -100].tolist())))
+    assert sets[0] == sets[1] and len(sets[0]) > 0
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def test_stable_adamw_matches_a_recomputation():
+    torch.manual_seed(0)
+    w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    wp, bp = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    opt = train.StableAdamW([{"params": [wp], "weight_decay": 0.5}, {"params": [bp], "weight_decay": 0.0}], lr=0.1)
+    grads = [(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)) for _ in range(2)]
+    grads[1] = (grads[1][0] * 100, grads[1][1] * 100)  # a spike: update clipping must kick in
+    lrs = [0.1, 0.05]
+    for group in opt.param_groups:
+        group["max_lr"] = 0.2
+    ref = {"w": [w, 0, 0, 0.5], "b": [b, 0, 0, 0.0]}  # param, m, v, weight decay
+    clipped = []
+    for t, ((gw, gb), lr) in enumerate(zip(grads, lrs), start=1):
+        wp.grad, bp.grad = gw.clone(), gb.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        for key, g in (("w", gw), ("b", gb)):
+            p, m, v, wd = ref[key]
+            m = 0.9 * m + 0.1 * g
+            v = 0.98 * v + 0.02 * g ** 2
+            m_hat, v_hat = m / (1 - 0.9 ** t), v / (1 - 0.98 ** t)
+            rms = math.sqrt(float(np.mean((g ** 2 / torch.clamp(v_hat, min=1e-12)).numpy())))
+            clipped.append(rms > 1)
+            p = p * (1 - lr / 0.2 * wd) - lr / max(1.0, rms) * m_hat / (torch.sqrt(v_hat) + 1e-6)
+            ref[key] = [p, m, v, wd]
+        torch.testing.assert_close(wp.detach(), ref["w"][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bp.detach(), ref["b"][0], rtol=1e-12, atol=1e-12)
+    assert any(clipped)
+
+
+def test_weight_decay_groups():
+    model = ModernBERT(Config(vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=16, window=4))
+    opt = train.make_optimizer(model, 1e-3, 1e-5)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(model.tok_embeddings.weight) in decayed and id(model.layers[0].attn.Wqkv.weight) in decayed
+    assert id(model.decoder.bias) not in decayed and id(model.final_norm.weight) not in decayed
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+# ----------------------------------------------------------------------------- tiling
+
+def test_layer_map_hand_worked():
+    assert train.layer_map(22, 28) == [0, 1, 2, 2, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12, 13, 13, 14, 15, 16, 16,
+                                       17, 18, 19, 20, 20, 21]
+    assert train.layer_map(2, 3) == [0, 1, 1]  # round(2/3) = 1, round(4/3) = 1
+    assert train.layer_map(4, 4) == [0, 1, 2, 3]
+
+
+def test_center_tile_hand_worked():
+    a, b, c = 1.0, 2.0, 3.0
+    # 3 -> 7: offset 2; right of the copy wraps from its start, left of it from its end
+    assert train.center_tile(torch.tensor([a, b, c]), (7,)).tolist() == [b, c, a, b, c, a, b]
+    # 2x2 -> 3x4: rows offset 0 (row 2 wraps to row 0), columns offset 1
+    old = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert train.center_tile(old, (3, 4)).tolist() == [[2, 1, 2, 1], [4, 3, 4, 3], [2, 1, 2, 1]]
+    with pytest.raises(ValueError):
+        train.center_tile(old, (1, 2))
+
+
+def test_tiling_to_the_same_shape_is_the_identity():
+    config = Config(vocab_size=64, n_layers=3, d_model=16, n_heads=2, d_ff=24, window=4)
+    old = ModernBERT(config)
+    new = ModernBERT(config)
+    tiled = train.tile_state_dict(old.state_dict(), config, new)
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(tiled[name], tensor), name
+
+
+def test_tiling_splits_fused_tensors_and_maps_layers():
+    small = Config(vocab_size=64, n_layers=2, d_model=8, n_heads=2, d_ff=8, window=4)
+    big = Config(vocab_size=64, n_layers=3, d_model=12, n_heads=3, d_ff=12, window=4)
+    old, new = ModernBERT(small), ModernBERT(big)
+    state = train.tile_state_dict(old.state_dict(), small, new)
+    new.load_state_dict(state)
+    o = old.state_dict()
+    wrap = lambda n_new, n_old: [(i - (n_new - n_old) // 2) % n_old for i in range(n_new)]
+    rows, cols = wrap(12, 8), wrap(12, 8)
+    for new_layer, old_layer in ((0, 0), (1, 1), (2, 1)):  # layer map [0, 1, 1]
+        qkv, old_qkv = state[f"layers.{new_layer}.attn.Wqkv.weight"], o[f"layers.{old_layer}.attn.Wqkv.weight"]
+        for part in range(3):  # Q, K, V each center-tiled on its own
+            for i in range(12):
+                for j in range(12):
+                    assert qkv[12 * part + i, j] == old_qkv[8 * part + rows[i], cols[j]]
+        wi, old_wi = state[f"layers.{new_layer}.mlp.Wi.weight"], o[f"layers.{old_layer}.mlp.Wi.weight"]
+        for part in range(2):  # GeGLU input and gate halves
+            assert torch.equal(wi[12 * part:12 * (part + 1)], old_wi[8 * part:8 * (part + 1)][rows][:, cols])
+    assert torch.equal(state["tok_embeddings.weight"], o["tok_embeddings.weight"][:, cols])  # vocab untouched
+    assert torch.equal(state["decoder.bias"], o["decoder.bias"])
+    assert torch.equal(state["layers.2.attn_norm.weight"], o["layers.1.attn_norm.weight"][cols])
+    ids = torch.randint(5, 64, (2, 10))
+    assert torch.isfinite(new(ids)[0]).all()
+
+
+def test_init_from_tiles_a_smaller_checkpoint(data, tmp_path):
+    train.main(tiny_args(data, tmp_path / "small", "--max_steps", "1"))
+    small = torch.load(tmp_path / "small" / "phase1" / "ckpt.pt", weights_only=True)
+    out = tmp_path / "big"
+    train.main(tiny_args(data, out, "--n_layers", "4", "--d_model", "96", "--d_ff", "128", "--max_steps", "1",
+                         "--lr", "1e-9", "--weight_decay", "0", "--init_from", str(tmp_path / "small" / "phase1" / "ckpt.pt")))
+    big = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
+    assert big["config"]["d_model"] == 96 and big["config"]["n_layers"] == 4
+    expected = train.center_tile(small["model"]["tok_embeddings.weight"], (320, 96))
+    torch.testing.assert_close(big["model"]["tok_embeddings.weight"], expected, atol=1e-7, rtol=0)
+
+
+# ----------------------------------------------------------------------------- resume, DDP
+
+def test_gradient_accumulation_divides_by_the_global_masked_count():
+    # Four rows as four micro-batches must give the gradient of one pass over all of them: the
+    # mean cross-entropy over every masked token of the batch, not a sum of per-micro-batch means.
+    torch.manual_seed(0)
+    model = ModernBERT(Config(vocab_size=64, n_layers=2, d_model=32, n_heads=2, d_ff=48, window=8))
+    rng = np.random.default_rng(0)
+    lengths = [30, 17, 25, 9]
+    rows = [[(0, n)] for n in lengths]
+    inputs = [rng.integers(5, 64, n) for n in lengths]
+    labels = [np.where(rng.random(n) < 0.3, rng.integers(5, 64, n), -100) for n in lengths]
+    micro = [train.to_device([i], [l], [r], "cpu") for i, l, r in zip(inputs, labels, rows)]
+    loss_sum, count = train.forward_backward(model, micro, 1, train.nullcontext)
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ids, cu_seqlens, all_labels = train.to_device(inputs, labels, rows, "cpu")
+    logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=all_labels)
+    reference = torch.nn.functional.cross_entropy(logits, all_labels[all_labels != -100])
+    reference.backward()
+    assert count == sum((l != -100).sum() for l in labels)
+    assert (loss_sum / count).item() == pytest.approx(reference.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(accumulated[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_exact_resume(data, tmp_path):
+    # dropout stays on (0.1): its draws must repeat too
+    train.main(tiny_args(data, tmp_path / "straight", "--max_steps", "6"))
+    train.main(tiny_args(data, tmp_path / "resumed", "--max_steps", "3"))
+    train.main(tiny_args(data, tmp_path / "resumed", "--max_steps", "6", "--resume"))
+    a = torch.load(tmp_path / "straight" / "phase1" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "phase1" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["tokens"] == b["tokens"] and a["position"] == b["position"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    assert len(losses(tmp_path / "straight")) == 6
+
+
+def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path):
+    args = lambda out: tiny_args(data, out, "--batch_size", "4", "--min_batch_size", "4", "--micro_batch", "1",
+                                 "--dropout", "0", "--max_steps", "3")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "train.py"), *args(tmp_path / "ddp")], cwd=HERE, env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    train.main(args(tmp_path / "single"))  # 4 micro-batches of 1, accumulated
+    a = torch.load(tmp_path / "ddp" / "phase1" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "phase1" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][name], atol=1e-5, rtol=0)
+    for (_, la), (_, lb) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single")):
+        assert la == pytest.approx(lb, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input, faults
+
+def one_line_error(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_data_says_run_prepare(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    assert "python prepare.py" in one_line_error(e)
+
+
+def test_later_phase_names_the_command_to_run_first(data, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(data, tmp_path / "out", "--phase", "2"))
+    assert f"python train.py --phase 1 --data {data} --out {tmp_path / 'out'}" in one_line_error(e)
+
+
+def test_corrupted_or_incompatible_checkpoint_is_refused_and_kept(data, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_args(data, out, "--max_steps", "2"))
+    ckpt = out / "phase1" / "ckpt.pt"
+    good = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as e:  # a setting that differs from the run being resumed
+        train.main(tiny_args(data, out, "--max_steps", "4", "--resume", "--lr", "1e-3"))
+    assert "--lr" in one_line_error(e)
+    with pytest.raises(SystemExit) as e:  # starting over on top of it needs --overwrite
+        train.main(tiny_args(data, out))
+    assert "--resume" in one_line_error(e)
+    assert ckpt.read_bytes() == good
+    ckpt.write_bytes(good[: len(good) // 2])  # a truncated file
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(data, out, "--max_steps", "4", "--resume"))
+    assert "corrupted" in one_line_error(e)
+    assert ckpt.read_bytes() == good[: len(good) // 2]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    poisoned = {"on": False}
+    real_save, real_ce = train.save_checkpoint, torch.nn.functional.cross_entropy
+
+    def save_then_poison(path, state):
+        real_save(path, state)
+        poisoned["on"] = True
+
+    def cross_entropy(*args, **kwargs):
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if poisoned["on"] else loss
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_poison)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(data, out, "--ckpt_every", "2"))
+    assert "nan" in one_line_error(e)
+    ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_interrupted_save_leaves_the_old_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.main(tiny_args(data, out, "--max_steps", "2"))
+    ckpt = out / "phase1" / "ckpt.pt"
+    good = ckpt.read_bytes()
+
+    def interrupted_save(state, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(data, out, "--max_steps", "4", "--resume"))
+    assert "interrupted" in one_line_error(e)
+    assert ckpt.read_bytes() == good
+    assert os.listdir(out / "phase1").count("ckpt.pt.tmp") == 0
+
+
+# ----------------------------------------------------------------------------- the real corpus
+
+@pytest.fixture(scope="module")
+def stdlib_data(tmp_path_factory):
+    """The default corpus: data/stdlib if prepared, else built here with a small vocabulary."""
+    if (HERE / "data" / "stdlib" / "meta.json").exists():
+        return HERE / "data" / "stdlib"
+    import prepare
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    prepare.main(["--out", str(out), "--vocab_size", "2048"])
+    return out
+
+
+def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path):
+    out = tmp_path / "out"
+    common = ["--data", str(stdlib_data), "--out", str(out), "--device", "cpu", "--dtype", "fp32",
+              "--eval_tokens", "8192", "--eval_every", "1000"]
+    result = train.main(common + ["--model", "tiny", "--seq_len", "128", "--tokens", "80000", "--lr", "5e-3",
+                                  "--warmup_tokens", "8000", "--batch_size", "16", "--min_batch_size", "8",
+                                  "--batch_warmup_tokens", "8000", "--micro_batch", "8"])
+    log = log_of(out, 1)
+    steps = [r["loss"] for r in log if "loss" in r]
+    assert result["finished"] and len(steps) >= 30
+    assert steps[0] > np.log(train.load_meta(stdlib_data)["vocab_size"]) - 0.5  # chance: ~ln(vocab)
+    assert np.mean(steps[-5:]) < steps[0] - 1.5, steps  # and falls clearly
+    assert result["val_loss"] < steps[0] - 1.5
+    train.main(common + ["--phase", "2"])
+    train.main(common + ["--phase", "3"])
+    phase1, phase3 = (torch.load(out / f"phase{n}" / "ckpt.pt", weights_only=True) for n in (1, 3))
+    assert phase1["config"]["global_theta"] == 10_000 and phase3["config"]["global_theta"] == 160_000
+    assert phase3["config"]["local_theta"] == 10_000 and phase3["run"]["seq_len"] == 1024
+    assert phase3["run"]["tokens"] == int(int(80000 * 250 / 1719) * 50 / 250)  # the paper's proportions
+    last = [r for r in log_of(out, 3) if "loss" in r][-1]
+    assert last["lr"] == pytest.approx(0.001 * phase3["run"]["lr"])
+    assert phase3["run"]["lr"] == pytest.approx(5e-3 * 3 / 8)
+    hf = ModernBERT.from_pretrained(out / "phase3" / "hf")
+    assert (out / "phase3" / "hf" / "tokenizer.json").exists() == (Path(stdlib_data) / "tokenizer.json").exists()
+    for name, tensor in phase3["model"].items():
+        assert torch.equal(hf.state_dict()[name], tensor), name

@@ -1,0 +1,686 @@
+"""
+Pretrain ModernBERT with the paper's three-phase recipe, from a laptop CPU to many GPUs.
+
+    python prepare.py                  # once: tokenize the corpus into data/stdlib
+    python train.py --phase 1          # pretraining at the base length, theta 10k everywhere
+    python train.py --phase 2          # context extension: 8x the length, global theta 160k
+    python train.py --phase 3          # decay: the LR falls as 1 - sqrt to 0.001 x its peak
+    torchrun --nproc_per_node=8 train.py --phase 1 --preset base-24gb     # DDP, a process per GPU
+
+Phase N writes out/phaseN/: ckpt.pt (continue an interrupted phase with --resume), log.jsonl,
+tokenizer.json and hf/ (a Hugging Face directory). Phase N+1 starts from out/phaseN/ckpt.pt and
+derives its defaults (length, learning rate, token budget, batch) from phase N's settings, the
+way the paper derived its phases from each other; any flag given explicitly wins.
+"""
+import argparse
+import bisect
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from modernbert import Config, ModernBERT, config_for
+from prepare import load_meta, load_split
+
+# ----------------------------------------------------------------------------- the recipe
+
+# The paper's token budgets in billions (1.719T, 250B, 50B). Phases 2 and 3 keep these proportions
+# to the phase before them unless --tokens says otherwise.
+PAPER_TOKENS = {1: 1719, 2: 250, 3: 50}
+PHASE2_LR_FACTOR = 3 / 8          # base: 8e-4 in phase 1, 3e-4 in phases 2 and 3
+LENGTH_FACTOR = 8                 # context extension: 1024 -> 8192
+DECAY_FLOOR = 0.001               # phase 3 ends at 0.001 x its peak LR
+EVAL_SEED = 1234                  # fixed, so evals compare across steps, runs, phases and --seed
+
+# Phase-1 settings of each --preset; phases 2 and 3 derive theirs (see derived_settings).
+TRAIN_PRESETS = {
+    # A CPU, 2 cores: phase 1 in ~15 min. How these numbers were chosen: see the README.
+    "laptop": dict(model="small", n_layers=4, seq_len=256, tokens=3_200_000, lr=1e-3, warmup_tokens=50_000,
+                   batch_size=16, min_batch_size=4, batch_warmup_tokens=1_600_000, micro_batch=4),
+    # The real shapes on one 24 GB GPU (bf16, flash-attn): the paper's lengths, LRs and warmups
+    # at a smaller batch; phase 2 then runs 8192-token rows one per micro-batch.
+    "base-24gb": dict(model="base", seq_len=1024, tokens=2_000_000_000, lr=8e-4, warmup_tokens=30_000_000,
+                      batch_size=512, min_batch_size=64, batch_warmup_tokens=100_000_000, micro_batch=8),
+    "large-24gb": dict(model="large", seq_len=1024, tokens=2_000_000_000, lr=5e-4, warmup_tokens=20_000_000,
+                       batch_size=512, min_batch_size=64, batch_warmup_tokens=100_000_000, micro_batch=4),
+}
+RUN_KEYS = ["seq_len", "tokens", "lr", "warmup_tokens", "batch_size", "min_batch_size",
+            "batch_warmup_tokens", "micro_batch", "weight_decay", "dropout", "mask_rate", "seed"]
+MODEL_KEYS = ["n_layers", "d_model", "n_heads", "d_ff", "window"]
+
+
+def derived_settings(phase, prev):
+    """Phase 2 from phase 1's settings, phase 3 from phase 2's: the paper's relations."""
+    s = dict(prev, warmup_tokens=0, batch_warmup_tokens=0)
+    if phase == 2:  # 8x longer rows, as many tokens per batch and micro-batch, 3/8 of the LR
+        s["seq_len"] = prev["seq_len"] * LENGTH_FACTOR
+        s["batch_size"] = max(1, prev["batch_size"] // LENGTH_FACTOR)
+        s["micro_batch"] = max(1, prev["micro_batch"] // LENGTH_FACTOR)
+        s["lr"] = prev["lr"] * PHASE2_LR_FACTOR
+    s["tokens"] = int(prev["tokens"] * PAPER_TOKENS[phase] / PAPER_TOKENS[phase - 1])
+    s["min_batch_size"] = s["batch_size"]  # batch-size warmup happens in phase 1 only
+    return s
+
+
+def lr_at(phase, tokens, peak, warmup_tokens, total_tokens):
+    """Learning rate for a step, read at `tokens` = tokens seen once this step's batch is in (so
+    warmup's first step is not zero and the decay lands exactly on its floor at the end)."""
+    if phase == 1:  # linear warmup, then constant
+        return peak * min(1.0, tokens / warmup_tokens) if warmup_tokens else peak
+    if phase == 2:  # constant, no warmup
+        return peak
+    t = min(tokens, total_tokens) / total_tokens  # phase 3: 1 - sqrt decay over the whole phase
+    return peak * (DECAY_FLOOR + (1 - DECAY_FLOOR) * (1 - math.sqrt(t)))
+
+
+def batch_size_at(tokens, min_size, max_size, step_size, warmup_tokens):
+    """Batch-size warmup: min_size, min_size + step_size, ..., max_size, every size below max held
+    for an equal share of warmup_tokens (`tokens` = seen before the step)."""
+    if tokens >= warmup_tokens or min_size >= max_size:
+        return max_size
+    n_sizes = (max_size - min_size) // step_size  # sizes below the maximum
+    return min_size + step_size * int(tokens * n_sizes // warmup_tokens)
+
+
+# ----------------------------------------------------------------------------- data: packing
+
+def split_documents(offsets, seq_len):
+    """(start, length) pieces of the token stream: each document whole, or, if longer than a row,
+    cut into seq_len chunks and a remainder."""
+    return [(s, min(seq_len, int(end) - s))
+            for start, end in zip(offsets[:-1], offsets[1:]) for s in range(int(start), int(end), seq_len)]
+
+
+def pack(pieces, seq_len):
+    """Greedy best-fit decreasing: longest pieces first, each into the fullest row it still fits.
+    Returns rows, each a list of (start, length) pieces, and the packing efficiency."""
+    rows, free = [], []  # free: sorted (space_left, row) of the rows not yet full
+    for start, length in sorted(pieces, key=lambda p: -p[1]):
+        i = bisect.bisect_left(free, (length, -1))
+        if i == len(free):  # fits in no open row: open a new one
+            rows.append([])
+            space, row = seq_len, len(rows) - 1
+        else:
+            space, row = free.pop(i)
+        rows[row].append((start, length))
+        if space > length:
+            bisect.insort(free, (space - length, row))
+    efficiency = sum(n for _, n in pieces) / (len(rows) * seq_len) if rows else 1.0
+    return rows, efficiency
+
+
+def gather(array, row):
+    return np.concatenate([array[s:s + n] for s, n in row]).astype(np.int64)
+
+
+def mask_tokens(ids, rng, rate, mask_id, special_ids, ordinary_ids):
+    """BERT's corruption: select `rate` of the ordinary tokens (never [CLS], [SEP], [PAD] or the other
+    specials); of those 80% -> [MASK], 10% -> a random ordinary token, 10% left as they are.
+    Returns (inputs, labels), labels -100 where nothing is predicted."""
+    selected = (rng.random(len(ids)) < rate) & ~np.isin(ids, special_ids)
+    action = rng.random(len(ids))
+    inputs = ids.copy()
+    inputs[selected & (action < 0.8)] = mask_id
+    swap = selected & (action >= 0.8) & (action < 0.9)
+    inputs[swap] = rng.choice(ordinary_ids, size=int(swap.sum()))
+    return inputs, np.where(selected, ids, -100)
+
+
+def to_device(inputs, labels, rows, device):
+    """Rows -> one packed stream: ids and labels (total,), cu_seqlens (n_pieces + 1,) int32."""
+    lengths = [n for row in rows for _, n in row]
+    cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    return (torch.from_numpy(np.concatenate(inputs)).to(device), cu_seqlens.to(device),
+            torch.from_numpy(np.concatenate(labels)).to(device))
+
+
+class TrainData:
+    """The training split packed into rows of one phase's length, visited in a seeded shuffle per
+    epoch. Position = (epoch, rows used in it); every row's mask is drawn from a generator seeded
+    by (seed, phase, epoch, row), so masks never depend on how rows are split among ranks."""
+
+    def __init__(self, data_dir, meta, seq_len, seed, phase, mask_rate):
+        self.tokens, offsets = load_split(data_dir, "train")
+        self.pieces = split_documents(offsets, seq_len)
+        self.rows, self.efficiency = pack(self.pieces, seq_len)
+        self.seed, self.phase, self.mask_rate = seed, phase, mask_rate
+        self.special_ids, self.ordinary_ids = special_and_ordinary_ids(meta)
+        self.mask_id = meta["mask_id"]
+
+    def order(self, epoch):
+        return np.random.default_rng([self.seed, self.phase, epoch]).permutation(len(self.rows))
+
+    def take(self, position, n):
+        """The next n rows as (epoch, index) keys, and the position after them."""
+        epoch, used = position
+        keys = []
+        while len(keys) < n:
+            take = min(n - len(keys), len(self.rows) - used)
+            keys += [(epoch, i) for i in self.order(epoch)[used:used + take]]
+            epoch, used = (epoch + 1, 0) if used + take == len(self.rows) else (epoch, used + take)
+        return keys, [epoch, used]
+
+    def batch(self, keys, device):
+        rows = [self.rows[i] for _, i in keys]
+        masked = [mask_tokens(gather(self.tokens, row), np.random.default_rng([self.seed, self.phase, epoch, i]),
+                              self.mask_rate, self.mask_id, self.special_ids, self.ordinary_ids)
+                  for (epoch, i), row in zip(keys, rows)]
+        return to_device([m[0] for m in masked], [m[1] for m in masked], rows, device)
+
+
+def special_and_ordinary_ids(meta):
+    special = np.array(sorted({v for k, v in meta.items() if k.endswith("_id")}))
+    vocab = meta.get("tokenizer_vocab_size", meta["vocab_size"])
+    return special, np.setdiff1d(np.arange(vocab), special)
+
+
+def eval_batches(data_dir, meta, seq_len, eval_tokens, micro_batch, rank, world, device):
+    """The fixed eval set: val documents in a fixed order up to eval_tokens, 15% masking
+    drawn once per token position of the val stream, so the same tokens are masked the same way
+    whatever the row length; packed like training. This rank's share, as device batches."""
+    tokens, offsets = load_split(data_dir, "val")
+    special_ids, ordinary_ids = special_and_ordinary_ids(meta)
+    inputs, labels = mask_tokens(tokens.astype(np.int64), np.random.default_rng(EVAL_SEED), 0.15,
+                                 meta["mask_id"], special_ids, ordinary_ids)
+    docs, n = [], 0
+    for d in np.random.default_rng(EVAL_SEED).permutation(len(offsets) - 1):
+        if n >= eval_tokens:
+            break
+        start, end = int(offsets[d]), int(min(offsets[d + 1], offsets[d] + eval_tokens - n))
+        docs.append((start, end))  # the last one cut short, so the set holds exactly eval_tokens
+        n += end - start
+    pieces = [p for start, end in sorted(docs) for p in split_documents([start, end], seq_len)]
+    rows, _ = pack(pieces, seq_len)
+    rows = rows[rank::world]
+    return [to_device([gather(inputs, r) for r in rows[i:i + micro_batch]],
+                      [gather(labels, r) for r in rows[i:i + micro_batch]], rows[i:i + micro_batch], device)
+            for i in range(0, len(rows), micro_batch)]
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with two changes, as ModernBERT trained (optimi's StableAdamW):
+    - update clipping per tensor (Adafactor's): when a gradient is large for its running second
+      moment, RMS(g / sqrt(v_hat)) > 1, the tensor's step shrinks by that RMS. It replaces
+      gradient clipping; nothing else is clipped.
+    - fully decoupled weight decay: p *= 1 - (lr_t / lr_max) * wd, which follows the schedule's
+      shape but not the LR's size (AdamW's lr_t * wd would tie the two together)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5):
+        super().__init__(params, dict(lr=lr, max_lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps, lr = group["eps"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                m, v, t = state["m"], state["v"], state["step"]
+                m.lerp_(g, 1 - beta1)                               # m = b1 m + (1 - b1) g
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)       # v = b2 v + (1 - b2) g^2
+                m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+                rms = (g * g / v_hat.clamp(min=eps ** 2)).mean().sqrt()
+                p.mul_(1 - lr / group["max_lr"] * group["weight_decay"])
+                p.sub_(m_hat / (v_hat.sqrt() + eps) * (lr / rms.clamp(min=1.0)))  # no host sync
+
+
+def make_optimizer(model, lr, weight_decay):
+    # Matrices (the embedding included) decay; norms and biases (1-D) do not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    return StableAdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+
+
+# ----------------------------------------------------------------------------- tiling init
+
+def layer_map(old_layers, new_layers):
+    """Gopher's depth scaling: new layer i copies old layer round(i * L_old / L_new)."""
+    return [round(i * old_layers / new_layers) for i in range(new_layers)]
+
+
+def center_tile(old, shape):
+    """Grow `old` to `shape`. Along each grown dimension the old tensor sits at offset
+    (new - old) // 2; the slots to its right wrap around from its start, those to its left from
+    its end. A dimension that does not grow is copied as it is."""
+    for dim, (n_old, n_new) in enumerate(zip(old.shape, shape)):
+        if n_new < n_old:
+            raise ValueError(f"tiling only grows a model: dimension {dim} shrinks {n_old} -> {n_new}")
+        index = (torch.arange(n_new) - (n_new - n_old) // 2) % n_old
+        old = old.index_select(dim, index)
+    return old
+
+
+def tile_state_dict(old_state, old_config, new_model):
+    """The larger model's weights from a smaller model's, as ModernBERT-large was started from
+    base. Fused tensors are tiled part by part: Wqkv as Q, K, V; GeGLU's Wi as input and gate."""
+    if old_config.vocab_size != new_model.config.vocab_size:
+        raise ValueError(f"vocabularies differ: {old_config.vocab_size} vs {new_model.config.vocab_size}")
+    depth = layer_map(old_config.n_layers, new_model.config.n_layers)
+    new_state = {}
+    for name, target in new_model.state_dict().items():
+        source = name
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            source = f"layers.{depth[int(i)]}.{rest}"
+        if source not in old_state:  # old layer 0 has no attn_norm: keep the fresh one (ones)
+            new_state[name] = target
+            continue
+        parts = 3 if name.endswith("attn.Wqkv.weight") else 2 if name.endswith("mlp.Wi.weight") else 1
+        shape = (target.shape[0] // parts, *target.shape[1:])
+        new_state[name] = torch.cat([center_tile(p, shape) for p in old_state[source].chunk(parts)])
+    new_state["decoder.weight"] = new_state["tok_embeddings.weight"]  # tied: one tensor, tiled once
+    return new_state
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, flush it to disk, then rename it over the old checkpoint.
+    An interrupt at any moment leaves either the old checkpoint or the new one, never a mix."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path} (corrupted, or not a train.py checkpoint): {type(e).__name__}: {e}")
+    missing = {"config", "model", "meta", "phase", "run", "optimizer", "step", "tokens", "position"} - set(ckpt)
+    if missing:
+        fail(f"{path} is not a train.py checkpoint: it lacks {', '.join(sorted(missing))}")
+    return ckpt
+
+
+def export_hf(model, out_dir, tokenizer):
+    """The phase's Hugging Face directory, written beside and then swapped in."""
+    final, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if os.path.exists(tokenizer):
+        shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def fail(message):
+    raise SystemExit(f"train.py: error: {message}")
+
+
+# ----------------------------------------------------------------------------- device, speed
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+# Dense bf16 tensor-core peaks (FLOP/s), for MFU. The first name found in the device's wins.
+GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+                  ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A6000", 155e12), ("4090", 165e12),
+                  ("3090", 71e12)]
+
+
+def matmul_flops(dtype, device="cpu", n=1024, seconds=0.25):
+    """Measured speed of an n x n matmul: this CPU's practical peak, for MFU and the bf16 choice."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+def speed_setup(device, dtype, compile_flag):
+    """(use bf16 autocast, peak FLOP/s or None, compile) for this device."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
+        bf16 = dtype == "bf16" or (dtype == "auto" and torch.cuda.is_bf16_supported())
+    elif kind == "cpu":  # bf16 autocast is fast on CPUs with bf16 matmul units, slow elsewhere: measure
+        fp32_speed = matmul_flops(torch.float32)
+        bf16_speed = matmul_flops(torch.bfloat16) if dtype != "fp32" else 0.0
+        bf16 = dtype == "bf16" or (dtype == "auto" and bf16_speed > 1.2 * fp32_speed)
+        peak = bf16_speed if bf16 else fp32_speed
+    else:  # MPS: no reliable peak to quote
+        peak, bf16 = None, dtype == "bf16"
+    use_compile = compile_flag == "on" or (compile_flag == "auto" and kind == "cuda" and sys.platform != "win32")
+    return bf16, peak, use_compile
+
+
+def forward_backward(model, micro_batches, world, autocast):
+    """Accumulates in .grad the gradient of the global batch's mean loss over its masked tokens,
+    however the batch is split into micro-batches and processes. Returns the global (loss sum,
+    masked count). Each token weighs 1 / (global count): the loss never grows with the number of
+    micro-batches, and the factor `world` undoes DDP's averaging of gradients over processes."""
+    n_masked = torch.stack([(labels != -100).sum() for *_, labels in micro_batches]).sum().float()
+    if world > 1:
+        dist.all_reduce(n_masked)
+    loss_sum = torch.zeros((), device=n_masked.device)
+    for i, (ids, cu_seqlens, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce once, at the end
+            with autocast():
+                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)  # logits of masked tokens only
+            loss = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
+            (loss * world / n_masked).backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum, n_masked
+
+
+# ----------------------------------------------------------------------------- main
+
+COMMON = dict(weight_decay=1e-5, dropout=0.1, mask_rate=0.3, seed=1337)  # every preset's
+
+
+def get_args(argv):
+    p = argparse.ArgumentParser(description="ModernBERT's three-phase MLM pretraining. Run --phase 1, 2, 3 in turn.")
+    p.add_argument("--phase", type=int, choices=[1, 2, 3], default=1,
+                   help="1: pretrain at the base length; 2: context extension (8x length, global theta 160k); "
+                        "3: LR decay (default: %(default)s)")
+    p.add_argument("--data", default="data/stdlib", help="prepare.py's output directory (default: %(default)s)")
+    p.add_argument("--out", default="out", help="run directory; phase N writes OUT/phaseN (default: %(default)s)")
+    p.add_argument("--preset", choices=TRAIN_PRESETS, default="laptop",
+                   help="phase-1 defaults: laptop (CPU, minutes), base-24gb / large-24gb (the paper's shapes "
+                        "on one 24 GB GPU) (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue this phase from its ckpt.pt, exactly")
+    p.add_argument("--overwrite", action="store_true", help="start this phase over even if its ckpt.pt exists")
+    p.add_argument("--init_from", metavar="CKPT", help="phase 1: start from a smaller model's ckpt.pt, tiled up")
+    g = p.add_argument_group("model (phase 1 only; later phases continue phase 1's model)")
+    g.add_argument("--model", choices=["tiny", "small", "base", "large"], help="modernbert.py preset (default: --preset's)")
+    for key in MODEL_KEYS:
+        g.add_argument(f"--{key}", type=int, help=f"override the preset's {key}")
+    g = p.add_argument_group("run settings (default: --preset's in phase 1, derived from the previous phase in 2 and 3)")
+    count = lambda s: int(float(s))  # accepts 3e6
+    g.add_argument("--seq_len", type=int, help="row length in tokens (phase 2: 8x phase 1's)")
+    g.add_argument("--tokens", type=count, help="token budget of the phase (phases 2, 3: the paper's proportions)")
+    g.add_argument("--lr", type=float, help="peak learning rate (phases 2, 3: 3/8 of phase 1's)")
+    g.add_argument("--warmup_tokens", type=count, help="phase 1: linear LR warmup, in tokens")
+    g.add_argument("--batch_size", type=int, help="global batch in sequences (phase 2: phase 1's / 8)")
+    g.add_argument("--min_batch_size", type=int, help="phase 1: batch-size warmup starts here")
+    g.add_argument("--batch_warmup_tokens", type=count, help="phase 1: tokens over which the batch grows")
+    g.add_argument("--micro_batch", type=int, help="sequences per forward pass and process")
+    g.add_argument("--weight_decay", type=float, help=f"decoupled weight decay (default {COMMON['weight_decay']})")
+    g.add_argument("--dropout", type=float, help=f"attention-output dropout (default {COMMON['dropout']})")
+    g.add_argument("--mask_rate", type=float, help=f"share of tokens masked in training (default {COMMON['mask_rate']})")
+    g.add_argument("--seed", type=int, help=f"seed of init, data order, masks and dropout (default {COMMON['seed']})")
+    g = p.add_argument_group("running")
+    g.add_argument("--eval_every", type=int, default=200, help="steps between evals (default: %(default)s)")
+    g.add_argument("--eval_tokens", type=count, default=65536, help="size of the fixed eval set (default: %(default)s)")
+    g.add_argument("--ckpt_every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--max_steps", type=int, help="stop after this step, resumable, even if tokens remain")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast; auto: on CUDA with bf16, on a CPU where bf16 matmuls measure faster")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the MLPs; auto: on for CUDA, not on Windows (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        return train(args, device, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, device, rank, world):
+    master, phase = rank == 0, args.phase
+    if not os.path.exists(os.path.join(args.data, "meta.json")):
+        fail(f"no prepared data in {args.data}/ (meta.json missing): run `python prepare.py"
+             + ("" if args.data == "data/stdlib" else f" --out {args.data}") + "` first")
+    meta = load_meta(args.data)
+    where = ("" if args.data == "data/stdlib" else f" --data {args.data}") + ("" if args.out == "out" else f" --out {args.out}")
+    command = lambda n, extra="": f"python train.py --phase {n}{where}{extra}"
+    phase_dir = os.path.join(args.out, f"phase{phase}")
+    ckpt_path = os.path.join(phase_dir, "ckpt.pt")
+
+    # ---- where this phase starts: its own checkpoint, the previous phase's, or nothing
+    resumed = previous = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: {ckpt_path} does not exist: start the phase with `{command(phase)}`")
+        resumed = load_checkpoint(ckpt_path)
+    elif os.path.exists(ckpt_path) and not args.overwrite:
+        fail(f"{ckpt_path} exists: continue it with --resume, or start the phase over with --overwrite")
+    elif phase > 1:
+        prev_path = os.path.join(args.out, f"phase{phase - 1}", "ckpt.pt")
+        if not os.path.exists(prev_path):
+            fail(f"phase {phase} starts from {prev_path}, which does not exist: run `{command(phase - 1)}` first")
+        previous = load_checkpoint(prev_path)
+        if not previous.get("finished"):
+            fail(f"phase {phase - 1} is unfinished ({prev_path} is at {previous['tokens']:,} of "
+                 f"{previous['run']['tokens']:,} tokens): run `{command(phase - 1, ' --resume')}` first")
+    source = resumed or previous
+    source_path = ckpt_path if resumed else prev_path if previous else None
+    if args.init_from and (phase != 1 or resumed):
+        fail("--init_from starts a fresh phase 1 from a smaller model; later phases start from the previous one")
+    small = load_checkpoint(args.init_from) if args.init_from else None
+    for ckpt, path in [(c, p) for c, p in ((source, source_path), (small, args.init_from)) if c]:
+        for key in ["vocab_size"] + sorted(k for k in ckpt["meta"] if k.endswith("_id")):
+            if ckpt["meta"][key] != meta.get(key):  # ids must mean the same tokens
+                fail(f"{path} was trained on data with {key}={ckpt['meta'][key]}, {args.data} has {meta.get(key)}")
+
+    # ---- settings: the preset's or the previous phase's, then explicit flags
+    if resumed:
+        settings = dict(resumed["run"])
+    elif previous:
+        settings = derived_settings(phase, previous["run"])
+    else:
+        settings = {**COMMON, **{k: v for k, v in TRAIN_PRESETS[args.preset].items() if k in RUN_KEYS}}
+    for key in RUN_KEYS:
+        value = getattr(args, key)
+        if value is not None and resumed and value != settings[key]:
+            fail(f"--{key} {value} differs from {settings[key]} in {ckpt_path}: --resume continues a run with its own settings")
+        settings[key] = settings[key] if value is None else value
+    s = settings
+    step_size = s["micro_batch"] * world  # the batch grows one micro-batch per process at a time
+    if s["batch_size"] % world or s["min_batch_size"] % world or (s["batch_size"] - s["min_batch_size"]) % step_size:
+        fail(f"batch sizes {s['min_batch_size']} -> {s['batch_size']} must be multiples of the {world} processes "
+             f"and differ by a multiple of micro_batch x processes = {step_size}")
+
+    # ---- the model
+    overrides = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
+    if source:  # the model continues; flags may only repeat its shape
+        config = Config(**source["config"])
+        requested = {**(asdict(config_for(args.model)) if args.model else {}), **overrides}
+        for key in MODEL_KEYS:
+            if key in requested and requested[key] != getattr(config, key):
+                fail(f"the model in {source_path} has {key} {getattr(config, key)}, the flags ask for "
+                     f"{requested[key]}: phase {phase} continues that model")
+    else:  # the preset's model (and its shape overrides, unless --model names another), then flags
+        preset = TRAIN_PRESETS[args.preset]
+        shape = {} if args.model else {k: v for k, v in preset.items() if k in MODEL_KEYS}
+        config = config_for(args.model or preset["model"], vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
+                            cls_id=meta["cls_id"], sep_id=meta["sep_id"], **{**shape, **overrides})
+    config.global_theta = 10_000.0 if phase == 1 else 160_000.0  # local layers stay at 10k
+    config.max_seq_len, config.attn_out_dropout = s["seq_len"], s["dropout"]
+    torch.manual_seed(s["seed"])
+    model = ModernBERT(config)
+    if small:
+        try:
+            model.load_state_dict(tile_state_dict(small["model"], Config(**small["config"]), model))
+        except ValueError as e:
+            fail(f"--init_from {args.init_from}: {e}")
+    if source:
+        try:
+            model.load_state_dict(source["model"])
+        except RuntimeError as e:
+            fail(f"{source_path} does not fit the model: {e}")
+    model.to(device)
+    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+    if source:
+        optimizer.load_state_dict(source["optimizer"])  # phases 2 and 3 keep Adam's moments
+    optimizer.param_groups[0]["weight_decay"] = s["weight_decay"]
+    for group in optimizer.param_groups:
+        group["max_lr"] = s["lr"]
+    step, tokens, position = (resumed["step"], resumed["tokens"], resumed["position"]) if resumed else (0, 0, [0, 0])
+
+    # ---- data, speed, logging
+    data = TrainData(args.data, meta, s["seq_len"], s["seed"], phase, s["mask_rate"])
+    evals = eval_batches(args.data, meta, s["seq_len"], args.eval_tokens, s["micro_batch"], rank, world, device)
+    bf16, peak, use_compile = speed_setup(device, args.dtype, args.compile)
+    if use_compile:  # the MLPs: most of the FLOPs, and static enough to compile once (dynamic token count)
+        for block in model.layers:
+            block.mlp.compile(dynamic=True)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    autocast = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+    lengths = np.array([n for _, n in data.pieces], dtype=np.float64)
+    flops = model.flops_per_token((lengths ** 2).sum() / lengths.sum(), s["mask_rate"])  # attention by real doc length
+    if master:
+        os.makedirs(phase_dir, exist_ok=True)
+        if os.path.exists(os.path.join(args.data, "tokenizer.json")):
+            shutil.copy(os.path.join(args.data, "tokenizer.json"), os.path.join(phase_dir, "tokenizer.json"))
+        log = open(os.path.join(phase_dir, "log.jsonl"), "a" if resumed else "w")
+        c = config
+        origin = f"; from {source_path}" + (f" at step {step}" if resumed else "") if source else ""
+        print(f"phase {phase}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({c.n_layers} layers, "
+              f"d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} heads), RoPE theta global {c.global_theta:g} / local "
+              f"{c.local_theta:g}; {device}, {'bf16 autocast' if bf16 else 'fp32'}, attention {model.attention_backend}, "
+              f"compile {'on' if use_compile else 'off'}, {world} process(es){origin}")
+        print(f"data {args.data}: {len(data.rows):,} rows of {s['seq_len']} tokens, packing efficiency "
+              f"{data.efficiency:.2%}; eval on {args.eval_tokens:,} val tokens, 15% masked")
+        shape = {1: f"after {s['warmup_tokens']:,} warmup tokens", 2: "constant",
+                 3: f"decaying as 1 - sqrt to {DECAY_FLOOR * s['lr']:g}"}[phase]
+        batch = (f"{s['min_batch_size']} -> {s['batch_size']} sequences over {s['batch_warmup_tokens']:,} tokens"
+                 if s["min_batch_size"] < s["batch_size"] else f"{s['batch_size']} sequences")
+        peak_note = f"MFU against {peak / 1e12:.3g} TFLOP/s{' (measured matmul)' if device == 'cpu' else ''}" if peak else "MFU n/a"
+        print(f"schedule: {s['tokens']:,} tokens, peak LR {s['lr']:g} {shape}; batch {batch}, "
+              f"micro-batch {s['micro_batch']}; {peak_note}")
+
+    def record(**fields):
+        if master:
+            log.write(json.dumps({"phase": phase, **fields}) + "\n")
+            log.flush()
+
+    record(event="resume" if resumed else "start", step=step, tokens=tokens, settings=s, config=asdict(config),
+           packing_efficiency=data.efficiency, device=device, bf16=bf16, processes=world)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        sums = torch.zeros(3, device=device)  # loss, correct, count (float32: MPS has no float64)
+        for ids, cu_seqlens, labels in evals:
+            with autocast():
+                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)
+            target = labels[labels != -100]
+            sums += torch.stack([F.cross_entropy(logits.float(), target, reduction="sum"),
+                                 (logits.argmax(-1) == target).sum().float(), torch.tensor(len(target), device=device).float()])
+        if world > 1:
+            dist.all_reduce(sums)
+        model.train()
+        loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        record(step=step, tokens=tokens, val_loss=loss, val_acc=acc)
+        if master:
+            tqdm.write(f"phase {phase} step {step} ({tokens:,} tokens): val loss {loss:.4f}, val acc {acc:.2%}")
+        return loss, acc
+
+    def checkpoint(finished=False):
+        # No generator states to save: masks and dropout are seeded from (seed, phase, step or row).
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            fail(f"the weights hold NaN/inf at step {step}; nothing saved, the last good checkpoint is intact")
+        if master:
+            save_checkpoint(ckpt_path, {"config": asdict(model.config), "model": model.state_dict(), "meta": meta,
+                                        "phase": phase, "run": settings, "optimizer": optimizer.state_dict(),
+                                        "step": step, "tokens": tokens, "position": position, "finished": finished})
+        if world > 1:
+            dist.barrier()
+
+    # ---- the loop
+    model.train()
+    bar = tqdm(total=s["tokens"], initial=min(tokens, s["tokens"]), unit="tok", unit_scale=True,
+               desc=f"phase {phase}", disable=not master, dynamic_ncols=True)
+    # The starting point of a model that did not start from scratch: phases 2 and 3 show what the
+    # longer rows and the new theta do before any training; --init_from shows the tiled model.
+    last_eval = (step, evaluate()) if (previous or args.init_from) and not resumed else None
+    try:
+        while tokens < s["tokens"] and (args.max_steps is None or step < args.max_steps):
+            start = time.perf_counter()
+            batch_size = batch_size_at(tokens, s["min_batch_size"], s["batch_size"], step_size, s["batch_warmup_tokens"])
+            keys, position = data.take(position, batch_size)
+            step_tokens = sum(n for _, i in keys for _, n in data.rows[i])
+            lr = lr_at(phase, tokens + step_tokens, s["lr"], s["warmup_tokens"], s["tokens"])
+            mine = keys[rank::world]  # this process's share of the global batch
+            micro_batches = [data.batch(mine[i:i + s["micro_batch"]], device) for i in range(0, len(mine), s["micro_batch"])]
+            torch.manual_seed(int(np.random.SeedSequence([s["seed"], phase, step, rank]).generate_state(1)[0]))
+            loss_sum, n_masked = forward_backward(train_model, micro_batches, world, autocast)
+            train_loss = (loss_sum / n_masked).item()
+            if not math.isfinite(train_loss):
+                fail(f"loss is {train_loss} at step {step + 1}; stopped before the update, the last good checkpoint "
+                     f"({ckpt_path if os.path.exists(ckpt_path) else 'none yet'}) is intact. Try a lower --lr")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens = step + 1, tokens + step_tokens
+            tokens_per_s = step_tokens / (time.perf_counter() - start)
+            mfu = tokens_per_s * flops / (peak * world) if peak else None
+            bar.update(step_tokens)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch_size, tok_s=f"{tokens_per_s:,.0f}",
+                            mfu="n/a" if mfu is None else f"{mfu:.1%}")
+            record(step=step, tokens=tokens, loss=train_loss, lr=lr, batch_size=batch_size,
+                   tokens_per_s=tokens_per_s, mfu=mfu)
+            if step % args.eval_every == 0:
+                last_eval = (step, evaluate())
+            if step % args.ckpt_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        saved = f"{ckpt_path} is intact: continue with `{command(phase, ' --resume')}`" if os.path.exists(ckpt_path) else "no checkpoint written yet"
+        fail(f"interrupted at step {step}; {saved}")
+    bar.close()
+    finished = tokens >= s["tokens"]
+    val_loss, val_acc = last_eval[1] if last_eval and last_eval[0] == step else evaluate()
+    if finished and master:
+        export_hf(model, phase_dir, os.path.join(args.data, "tokenizer.json"))
+    checkpoint(finished)  # last, so a finished checkpoint implies the export is there too
+    if master:
+        print(f"phase {phase} {'done' if finished else 'stopped'}: step {step}, {tokens:,} tokens, val loss "
+              f"{val_loss:.4f}, val acc {val_acc:.2%}; {ckpt_path}" + (f", {phase_dir}/hf" if finished else
+              f"; continue with `{command(phase, ' --resume')}`"))
+        log.close()
+    return {"step": step, "tokens": tokens, "val_loss": val_loss, "val_acc": val_acc, "finished": finished}
+
+
+if __name__ == "__main__":
+    main()
