@@ -432,12 +432,13 @@ def test_interrupted_save_leaves_the_old_checkpoint(data, tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def stdlib_data(tmp_path_factory):
-    """The default corpus: data/stdlib if prepared, else built here with a small vocabulary."""
+    """The default corpus: data/stdlib if prepared, else built here exactly as `python prepare.py`
+    builds it (a clean clone has none), so the test sees the same data everywhere."""
     if (HERE / "data" / "stdlib" / "meta.json").exists():
         return HERE / "data" / "stdlib"
     import prepare
     out = tmp_path_factory.mktemp("data") / "stdlib"
-    prepare.main(["--out", str(out), "--vocab_size", "2048"])
+    prepare.main(["--out", str(out)])
     return out
 
 
