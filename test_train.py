@@ -162,11 +162,8 @@ def test_packing_keeps_every_token_once_and_reports_efficiency():
     assert np.array_equal(ids.numpy(), np.concatenate(expected))
 
 
-def test_real_corpus_packs_above_99_percent():
-    data_dir = HERE / "data" / "stdlib"
-    if not (data_dir / "meta.json").exists():
-        pytest.skip("data/stdlib not prepared (test_smoke builds its own copy)")
-    _, offsets = train.load_split(data_dir, "train")
+def test_real_corpus_packs_above_99_percent(stdlib_data):
+    _, offsets = train.load_split(stdlib_data, "train")
     for seq_len in (256, 2048):
         assert train.pack(train.split_documents(offsets, seq_len), seq_len)[1] >= 0.99
 
