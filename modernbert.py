@@ -141,8 +141,12 @@ def apply_rope(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------- attention kernels
-# Every kernel takes q, k, v of shape (total_tokens, n_heads, head_dim), never lets a token see
-# another document, and returns (total_tokens, n_heads, head_dim).
+# BERT: dense attention over the padded rectangle, with a mask to hide the padding. ModernBERT:
+# FlashAttention's variable-length kernel on the unpadded stream, where cu_seqlens keeps every
+# document to itself and the sliding window costs nothing extra. Without flash-attn (CPU, MPS,
+# Windows) PyTorch's SDPA does the same job below, still without padding and still O(n * window)
+# for local layers. Every kernel takes q, k, v of shape (total_tokens, n_heads, head_dim) and
+# returns (total_tokens, n_heads, head_dim).
 
 def flash_attention(q, k, v, docs, half_window):
     """FlashAttention's varlen kernel reads cu_seqlens directly: no padding, no mask tensor."""
