@@ -13,8 +13,12 @@ same weights and the same inputs. The workloads are the paper's Table 2 shapes:
 Inference times the encoder (final hidden states, as for embeddings and retrieval); before any
 timing both models must agree on the MLM logits of the very inputs that are timed.
 
-    python bench.py                              # base width, 6 layers: a minute or two on a CPU
+    python bench.py                              # base width, 6 layers, every workload
+    python bench.py --workloads short_var --no_memory      # one workload: a minute or two on a CPU
     python bench.py --layers 22 --device cuda --dtype bf16
+
+On a 2-core CPU the full default run takes about a quarter of an hour (one thread), most of it
+in the long workloads and the ten memory-probe processes.
 """
 import argparse
 import json
