@@ -12,6 +12,16 @@ from modernbert import Config, Documents, ModernBERT, config_for
 
 transformers = pytest.importorskip("transformers")
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # As in test_train.py: tiny models gain nothing from threads, and on a busy machine a second
+    # thread waits for its core at every op (10x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SPECIAL = dict(pad_id=0, cls_id=1, sep_id=2)
 # Three shapes that differ in depth, width, heads, window and the global/local pattern.
 CONFIGS = {
@@ -153,16 +163,78 @@ def test_batch_invariance_alone_padded_packed():
 
 
 def test_no_attention_across_documents_in_a_packed_stream():
+    """Packed [70 tokens | 50 tokens]: each document's logits are those of the document run alone,
+    whatever the other document holds (checked both ways, the second document is the one that
+    follows another and could look back into it)."""
     config = CONFIGS["wide_heads"]
     model = seeded(config)
     g = torch.Generator().manual_seed(3)
-    first, second = torch.randint(3, config.vocab_size, (70,), generator=g), torch.randint(3, config.vocab_size, (50,), generator=g)
+    first, second, other = (torch.randint(3, config.vocab_size, (n,), generator=g) for n in (70, 50, 50))
     cu = torch.tensor([0, 70, 120], dtype=torch.int32)
     with torch.no_grad():
         a, _ = model(torch.cat([first, second]), cu_seqlens=cu)
-        b, _ = model(torch.cat([first, torch.randint(3, config.vocab_size, (50,), generator=g)]), cu_seqlens=cu)
+        b, _ = model(torch.cat([first, other]), cu_seqlens=cu)
+        first_alone, _ = model(first[None])
+        second_alone, _ = model(second[None])
     assert torch.equal(a[:70], b[:70])  # the first document cannot tell what follows it
-    assert (a[70:] - b[70:]).abs().max() > 1e-3
+    errors = [float((a[:70] - first_alone[0]).abs().max()), float((a[70:] - second_alone[0]).abs().max())]
+    assert max(errors) <= 1e-5, errors  # nor can the second tell what precedes it
+
+
+def rotate_half_rope(x, positions, theta):
+    """RoPE written out: (n, heads, head_dim) rotated by position * theta^(-2i/head_dim), pairs
+    (i, i + head_dim/2), as transformers' rotate_half does."""
+    hd = x.shape[-1]
+    angles = positions.double()[:, None] * theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1)[:, None] for f in (torch.cos, torch.sin))
+    return x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], dim=-1) * sin
+
+
+def dense_reference_logits(model, ids, lengths):
+    """A second, plain implementation of the whole forward in float64, from the model's weights
+    (by their Hugging Face-compatible names): dense attention over the packed stream, with a mask
+    same-document, and |i - j| <= window/2 in local layers. No gathers, groups or blocks."""
+    c, W = model.config, {k: v.double() for k, v in model.state_dict().items()}
+    n = len(ids)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))    # (n,)
+    pos = torch.cat([torch.arange(k) for k in lengths])                                   # (n,)
+    norm = lambda x, name: F.layer_norm(x, (c.d_model,), W[name], None, c.norm_eps)
+    x = norm(W["tok_embeddings.weight"][ids], "embed_norm.weight")                        # (n, d)
+    for i in range(c.n_layers):
+        L, is_global = f"layers.{i}.", i % c.global_every == 0
+        h = x if i == 0 else norm(x, L + "attn_norm.weight")
+        q, k, v = (h @ W[L + "attn.Wqkv.weight"].T).view(n, 3, c.n_heads, c.head_dim).unbind(1)
+        theta = c.global_theta if is_global else c.local_theta
+        q, k = rotate_half_rope(q, pos, theta), rotate_half_rope(k, pos, theta)
+        allowed = doc[:, None] == doc[None, :]                                             # (n, n)
+        if not is_global:
+            allowed &= (pos[:, None] - pos[None, :]).abs() <= c.window // 2
+        scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(c.head_dim)
+        attn = torch.einsum("hij,jhd->ihd", scores.masked_fill(~allowed, -math.inf).softmax(-1), v)
+        x = x + attn.reshape(n, c.d_model) @ W[L + "attn.Wo.weight"].T
+        a, gate = (norm(x, L + "mlp_norm.weight") @ W[L + "mlp.Wi.weight"].T).chunk(2, dim=-1)
+        x = x + (F.gelu(a) * gate) @ W[L + "mlp.Wo.weight"].T
+    x = norm(F.gelu(norm(x, "final_norm.weight") @ W["head.dense.weight"].T), "head.norm.weight")
+    return x @ W["tok_embeddings.weight"].T + W["decoder.bias"]                         # (n, vocab)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_stream_matches_dense_reference_and_documents_alone(name):
+    """Packed streams whose equal-length documents are not side by side (the SDPA global path
+    regroups them and must put every token back where it was), some longer than the window: the
+    logits equal a dense-mask reference implementation, and each document run alone."""
+    config = CONFIGS[name]
+    model = seeded(config)
+    g = torch.Generator().manual_seed(6)
+    for lengths in ([5, 7, 5], [40, 3, 40, 9, 3, 40], [33, 1, 2, 33, 1, 40, 2], [7, 5, 7, 5, 7]):
+        ids = torch.randint(3, config.vocab_size, (sum(lengths),), generator=g)
+        cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+        with torch.no_grad():
+            packed, _ = model(ids, cu_seqlens=cu)                                          # (n, vocab)
+            alone = torch.cat([model(ids[cu[i]:cu[i + 1]][None])[0][0] for i in range(len(lengths))])
+        to_reference = float((packed.double() - dense_reference_logits(model, ids, lengths)).abs().max())
+        to_alone = float((packed - alone).abs().max())
+        assert to_reference <= 1e-5 and to_alone <= 1e-5, (lengths, to_reference, to_alone)
 
 
 def test_all_padding_row_and_padding_tokens_do_no_harm():
