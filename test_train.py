@@ -182,35 +182,56 @@ def test_eval_set_is_fixed_across_row_lengths(data):
 
 # ----------------------------------------------------------------------------- optimizer
 
-def test_stable_adamw_matches_a_recomputation():
+def optimi_stableadamw_step(p, g, state, lr, max_lr, weight_decay, beta1=0.9, beta2=0.98, eps=1e-6):
+    """One step of optimi's StableAdamW on one tensor, transcribed from optimi/stableadamw.py
+    (_single_param_stableadamw, decouple_lr=True) and optimi/utils.py (debias_beta). Returns
+    (new p, whether the update was clipped). state: dict of step, exp_avg, exp_avg_sq."""
+    state["step"] = t = state.get("step", 0) + 1
+    debias_beta = lambda beta: (beta ** t - beta) / (beta ** t - 1)  # Adam's bias correction, in beta
+    beta1_hat, beta2_hat = debias_beta(beta1), debias_beta(beta2)
+    exp_avg = state["exp_avg"] = state.get("exp_avg", torch.zeros_like(p)).lerp(g, 1 - beta1_hat)
+    exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(p)) * beta2_hat + (1 - beta2_hat) * g * g
+    state["exp_avg_sq"] = exp_avg_sq
+    rms = float((g ** 2 / exp_avg_sq.clamp(min=eps ** 2)).mean().sqrt())  # per tensor
+    clipped_lr = lr / max(1.0, rms)
+    p = p * (1 - (lr / max_lr) * weight_decay)  # issue 11 switches this to the clipped lr, as optimi does
+    return p - clipped_lr * exp_avg / (exp_avg_sq.sqrt() + eps), rms > 1
+
+
+def test_stable_adamw_matches_optimi_per_tensor_clipping():
+    """Several tensors of very different gradient scales in ONE group (plus a no-decay group),
+    four steps with a changing LR: every tensor follows optimi's StableAdamW, and at the steps
+    where one tensor's gradient spikes only that tensor's update is clipped (clipping is per
+    tensor, not pooled over the group). Step 1 never clips (v_hat = g^2 there), hence the spikes."""
     torch.manual_seed(0)
-    w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    wp, bp = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
-    opt = train.StableAdamW([{"params": [wp], "weight_decay": 0.5}, {"params": [bp], "weight_decay": 0.0}], lr=0.1)
-    grads = [(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)) for _ in range(2)]
-    grads[1] = (grads[1][0] * 100, grads[1][1] * 100)  # a spike: update clipping must kick in
-    lrs = [0.1, 0.05]
+    shapes = {"a": (4, 5), "b": (3,), "c": (2, 6), "d": (6,)}
+    scales = {"a": 1.0, "b": 1e-3, "c": 30.0, "d": 0.1}
+    spikes = {2: "a", 4: "c"}  # step -> the one tensor whose gradient jumps 100x
+    start = {k: torch.randn(s, dtype=torch.float64) for k, s in shapes.items()}
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    opt = train.StableAdamW([{"params": [params[k] for k in "abc"], "weight_decay": 0.05},
+                             {"params": [params["d"]], "weight_decay": 0.0}], lr=0.1)
     for group in opt.param_groups:
         group["max_lr"] = 0.2
-    ref = {"w": [w, 0, 0, 0.5], "b": [b, 0, 0, 0.0]}  # param, m, v, weight decay
-    clipped = []
-    for t, ((gw, gb), lr) in enumerate(zip(grads, lrs), start=1):
-        wp.grad, bp.grad = gw.clone(), gb.clone()
+    ref, states, clipped = dict(start), {k: {} for k in shapes}, []
+    directions = {k: torch.randn(s, dtype=torch.float64) * scales[k] for k, s in shapes.items()}
+    for step, lr in zip(range(1, 5), [0.1, 0.2, 0.15, 0.05]):
+        grads = {}
+        for k, s in shapes.items():  # gradients that shrink (never clipped) but for the spikes
+            factor = 100.0 if spikes.get(step) == k else 0.8 ** step
+            grads[k] = directions[k] * (1 + 0.3 * torch.randn(s, dtype=torch.float64)) * factor
+            params[k].grad = grads[k].clone()
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
-        for key, g in (("w", gw), ("b", gb)):
-            p, m, v, wd = ref[key]
-            m = 0.9 * m + 0.1 * g
-            v = 0.98 * v + 0.02 * g ** 2
-            m_hat, v_hat = m / (1 - 0.9 ** t), v / (1 - 0.98 ** t)
-            rms = math.sqrt(float(np.mean((g ** 2 / torch.clamp(v_hat, min=1e-12)).numpy())))
-            clipped.append(rms > 1)
-            p = p * (1 - lr / 0.2 * wd) - lr / max(1.0, rms) * m_hat / (torch.sqrt(v_hat) + 1e-6)
-            ref[key] = [p, m, v, wd]
-        torch.testing.assert_close(wp.detach(), ref["w"][0], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(bp.detach(), ref["b"][0], rtol=1e-12, atol=1e-12)
-    assert any(clipped)
+        clipped.append("")
+        for k in shapes:
+            wd = 0.0 if k == "d" else 0.05
+            ref[k], was_clipped = optimi_stableadamw_step(ref[k], grads[k], states[k], lr, 0.2, wd)
+            clipped[-1] += k if was_clipped else ""
+            torch.testing.assert_close(params[k].detach(), ref[k], rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"tensor {k}, step {step}: {m}")
+    assert clipped == ["", "a", "", "c"]  # the case this test is about did happen
 
 
 def test_weight_decay_groups():
