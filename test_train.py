@@ -180,6 +180,58 @@ def test_eval_set_is_fixed_across_row_lengths(data):
     assert sets[0] == sets[1] and len(sets[0]) > 0
 
 
+def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path):
+    """Seven rows, taken three at a time for 18 rows: every row exactly once in each of epochs 0
+    and 1, then 4 rows of epoch 2; each epoch in a different order; the same rows however the
+    takes are split and for a second TrainData with the same seed; and a row's mask in epoch 1
+    differs from its mask in epoch 0 (the same, drawn again, in the same epoch)."""
+    path = write_data(tmp_path / "data", [30] * 7)  # 30 tokens each: one document per 32-token row
+    meta = train.load_meta(path)
+    data = train.TrainData(path, meta, 32, seed=5, phase=1, mask_rate=0.3)
+    assert len(data.rows) == 7
+    keys, position = [], [0, 0]
+    for _ in range(6):
+        taken, position = data.take(position, 3)
+        keys += taken
+    assert position == [2, 4]
+    assert [epoch for epoch, _ in keys] == [0] * 7 + [1] * 7 + [2] * 4
+    orders = [[i for epoch, i in keys if epoch == e] for e in range(3)]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(7))  # every row once per epoch
+    assert orders[0] != orders[1] and orders[0][:4] != orders[2] and orders[1][:4] != orders[2]
+    again = train.TrainData(path, meta, 32, seed=5, phase=1, mask_rate=0.3)
+    assert again.take([0, 0], 18) == (keys, [2, 4])
+    for row in range(7):
+        labels = [data.batch([(epoch, row)], "cpu")[2] for epoch in (0, 1, 0)]
+        assert not torch.equal(labels[0], labels[1]) and torch.equal(labels[0], labels[2]), row
+
+
+def test_eval_set_split_across_ranks_and_masked_at_15_percent(tmp_path):
+    """Two ranks' eval batches hold, together, exactly the one-process eval set's pieces (ids and
+    labels), each once; the eval masks 15% of the ordinary tokens (not training's 30%), and of
+    those 80% become [MASK]. About 40k val tokens: 15% +- 1% is over 5 standard deviations."""
+    path = write_data(tmp_path / "data", [30] * 4, val_lengths=[500] * 80)
+    meta = train.load_meta(path)
+
+    def pieces(rank, world):  # this rank's eval set as sorted (ids, labels) tuples, one per piece
+        out = []
+        for ids, cu_seqlens, labels in train.eval_batches(path, meta, 64, 40_000, 4, rank, world, "cpu"):
+            for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+                out.append((tuple(ids[a:b].tolist()), tuple(labels[a:b].tolist())))
+        return out
+
+    one = pieces(0, 1)
+    rank0, rank1 = pieces(0, 2), pieces(1, 2)
+    assert len(rank0) > 0 and len(rank1) > 0
+    assert sorted(rank0 + rank1) == sorted(one)
+    ids = np.concatenate([p[0] for p in one])
+    labels = np.concatenate([p[1] for p in one])
+    assert len(ids) == 40_000
+    ordinary = (labels != -100) | (ids >= 5)  # write_data's specials are ids 0..4
+    selected = labels != -100
+    assert selected.sum() / ordinary.sum() == pytest.approx(0.15, abs=0.01)
+    assert (ids[selected] == meta["mask_id"]).mean() == pytest.approx(0.8, abs=0.03)
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 def optimi_stableadamw_step(p, g, state, lr, max_lr, weight_decay, beta1=0.9, beta2=0.98, eps=1e-6):
