@@ -401,6 +401,78 @@ def test_exact_resume(data, tmp_path):
     assert len(losses(tmp_path / "straight")) == 6
 
 
+def test_dropout_on_in_training_off_in_eval_and_new_at_every_step(tmp_path, monkeypatch):
+    """Every dropout call, recorded in a 4-step run (dropout 0.1, an eval after steps 2 and 4, each
+    step one 64-token micro-batch, so every step's masks have one shape): inside the training
+    steps dropout is on at p = 0.1 and drops about 10% (12 masks of 64 x 64), also after an eval;
+    in the evals it is off; and a layer's mask is different at every step."""
+    data = write_data(tmp_path / "data", [32] * 12)
+    calls, in_step = [], [False]
+    real_dropout, real_forward_backward = torch.nn.functional.dropout, train.forward_backward
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        out = real_dropout(input, p, training, inplace)
+        calls.append((in_step[0], training, p, (out == 0) & (input != 0)))
+        return out
+
+    def forward_backward(*args, **kwargs):
+        in_step[0] = True
+        try:
+            return real_forward_backward(*args, **kwargs)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    train.main(tiny_args(data, tmp_path / "out", "--batch_size", "2", "--min_batch_size", "2",
+                         "--micro_batch", "2", "--dropout", "0.1", "--max_steps", "4", "--eval_every", "2"))
+    training = [c for c in calls if c[0]]
+    evaluating = [c for c in calls if not c[0]]
+    assert len(training) == 4 * 3  # 4 steps x 3 layers of the tiny model
+    assert all(on and p == 0.1 for _, on, p, _ in training), [(on, p) for _, on, p, _ in training]
+    dropped = torch.stack([mask for *_, mask in training]).float().mean()
+    assert 0.09 <= dropped <= 0.11, float(dropped)
+    assert evaluating and all(not on and not mask.any() for _, on, _, mask in evaluating), \
+        [(on, int(mask.sum())) for _, on, _, mask in evaluating]
+    first_layer = [training[3 * step][3] for step in range(4)]
+    assert all(first_layer[0].shape == m.shape for m in first_layer)
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(first_layer[i], first_layer[j]), (i, j)
+
+
+def test_later_phases_continue_weights_and_adam_moments(data, tmp_path):
+    """Phase 2 and phase 3, stopped before their first step, hold exactly the previous phase's
+    final weights and optimizer state (Adam's moments and step counts); a phase-2 step then counts
+    on from phase 1's steps."""
+    out = tmp_path / "out"
+    later = lambda phase, *extra: ["--data", str(data), "--out", str(out), "--phase", str(phase),
+                                   "--device", "cpu", "--dtype", "fp32", "--eval_tokens", "128", *extra]
+    train.main(tiny_args(data, out, "--tokens", "600", "--eval_every", "1000"))
+    ckpt = lambda phase: torch.load(out / f"phase{phase}" / "ckpt.pt", weights_only=True)
+
+    def assert_continues(before, after):
+        assert before["finished"] and after["step"] == 0
+        for name, tensor in before["model"].items():
+            assert torch.equal(after["model"][name], tensor), name
+        assert before["optimizer"]["state"].keys() == after["optimizer"]["state"].keys()
+        for index, state in before["optimizer"]["state"].items():
+            for key, value in state.items():
+                kept = after["optimizer"]["state"][index][key]
+                assert torch.equal(torch.as_tensor(kept), torch.as_tensor(value)), (index, key)
+
+    train.main(later(2, "--max_steps", "0"))
+    phase1 = ckpt(1)
+    assert_continues(phase1, ckpt(2))
+    train.main(later(2, "--overwrite"))
+    phase2 = ckpt(2)
+    assert phase2["finished"] and phase2["step"] >= 1
+    steps = {int(state["step"]) for state in phase2["optimizer"]["state"].values()}
+    assert steps == {phase1["step"] + phase2["step"]}
+    train.main(later(3, "--max_steps", "0"))
+    assert_continues(phase2, ckpt(3))
+
+
 def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path):
     args = lambda out: tiny_args(data, out, "--batch_size", "4", "--min_batch_size", "4", "--micro_batch", "1",
                                  "--dropout", "0", "--max_steps", "3")
