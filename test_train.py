@@ -474,6 +474,11 @@ def test_later_phases_continue_weights_and_adam_moments(data, tmp_path):
 
 
 def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path):
+    """One torchrun launch of 2 processes against one process accumulating 4 micro-batches: the
+    same weights and losses; the same Adam moments, which hold the gradients themselves (Adam's
+    update is almost blind to a gradient's scale, so a wrong factor in the gradient barely moves
+    the weights: the moments show it); and the same val loss and accuracy from the ranks' split
+    of the eval set, summed over processes."""
     args = lambda out: tiny_args(data, out, "--batch_size", "4", "--min_batch_size", "4", "--micro_batch", "1",
                                  "--dropout", "0", "--max_steps", "3")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -485,10 +490,20 @@ def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path):
     a = torch.load(tmp_path / "ddp" / "phase1" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "single" / "phase1" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 3
+    for index, state in b["optimizer"]["state"].items():  # m ~ gradient, v ~ gradient^2
+        for key in ("m", "v"):
+            ours, ref = a["optimizer"]["state"][index][key], state[key]
+            error = float((ours - ref).abs().max() / ref.abs().max())
+            assert error <= 1e-5, (index, key, error)
     for name, tensor in a["model"].items():
         torch.testing.assert_close(tensor, b["model"][name], atol=1e-5, rtol=0)
     for (_, la), (_, lb) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single")):
         assert la == pytest.approx(lb, abs=1e-5)
+    evals = [[(r["val_loss"], r["val_acc"]) for r in log_of(tmp_path / run, 1) if "val_loss" in r]
+             for run in ("ddp", "single")]
+    assert len(evals[0]) == len(evals[1]) == 1
+    (loss_a, acc_a), (loss_b, acc_b) = evals[0][0], evals[1][0]
+    assert loss_a == pytest.approx(loss_b, abs=1e-5) and acc_a == acc_b
 
 
 # ----------------------------------------------------------------------------- bad input, faults
