@@ -297,11 +297,42 @@ def test_weight_decay_groups():
 
 # ----------------------------------------------------------------------------- tiling
 
+def official_layer_map(old_layers, new_layers):
+    """The official depth mapping, transcribed from AnswerDotAI/ModernBERT src/bert_layers/model.py
+    (init_model_from_pretrained): Python's round, so exact halves go to the even layer."""
+    return [round(i * old_layers / new_layers) for i in range(new_layers)]
+
+
 def test_layer_map_hand_worked():
+    """layer_map against the official mapping for several depths, ties included, and by hand."""
+    for old, new in [(22, 28), (2, 3), (2, 4), (6, 8), (4, 4), (3, 6), (1, 5), (10, 12), (22, 44)]:
+        assert train.layer_map(old, new) == official_layer_map(old, new), (old, new)
     assert train.layer_map(22, 28) == [0, 1, 2, 2, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12, 13, 13, 14, 15, 16, 16,
                                        17, 18, 19, 20, 20, 21]
-    assert train.layer_map(2, 3) == [0, 1, 1]  # round(2/3) = 1, round(4/3) = 1
-    assert train.layer_map(4, 4) == [0, 1, 2, 3]
+    assert train.layer_map(2, 3) == [0, 1, 1]  # 2/3 -> 1, 4/3 -> 1
+    # ties: 2 -> 4 is 0, 0.5, 1, 1.5 -> 0, 0, 1, 2 (halves to even); 6 -> 8 has 1.5 -> 2 and 4.5 -> 4
+    assert train.layer_map(2, 4) == [0, 0, 1, 2]
+    assert train.layer_map(6, 8) == [0, 1, 2, 2, 3, 4, 4, 5]
+
+
+def official_tile(old, shape):
+    """The official "tile_weights_from_middle", transcribed as plain loops from AnswerDotAI/ModernBERT
+    src/bert_layers/initialization.py (_tile_1d, _tile_2d): the old tensor at offset (new - old) // 2,
+    the slots left of it filled walking leftwards from its last element, those right of it walking
+    rightwards from its first; a matrix's columns first, then its rows."""
+    if old.dim() == 1:
+        n_old, n_new = len(old), shape[0]
+        offset = (n_new - n_old) // 2
+        out = torch.zeros(n_new, dtype=old.dtype)
+        out[offset:offset + n_old] = old
+        for i in range(offset):                   # leftwards: old[-1], old[-2], ...
+            out[offset - 1 - i] = old[n_old - 1 - i % n_old]
+        for i in range(offset + n_old, n_new):     # rightwards: old[0], old[1], ...
+            out[i] = old[(i - offset) % n_old]
+        return out
+    (rows_old, cols_old), (rows_new, cols_new) = old.shape, shape
+    wide = torch.stack([official_tile(row, (cols_new,)) for row in old])  # (rows_old, cols_new)
+    return torch.stack([official_tile(wide[:, j], (rows_new,)) for j in range(cols_new)], dim=1)
 
 
 def test_center_tile_hand_worked():
@@ -315,6 +346,17 @@ def test_center_tile_hand_worked():
         train.center_tile(old, (1, 2))
 
 
+def test_center_tile_matches_the_official_tiling():
+    """center_tile against the official loops, for vectors and matrices, odd and even growth, and
+    growth past twice the size (the wraparound goes round more than once)."""
+    torch.manual_seed(0)
+    for old_shape, new_shape in [((3,), (7,)), ((4,), (4,)), ((3,), (11,)), ((2, 3), (5, 8)),
+                                 ((3, 2), (3, 9)), ((4, 4), (10, 6)), ((1, 2), (4, 7))]:
+        old = torch.randn(old_shape)
+        tiled = train.center_tile(old, new_shape)
+        assert torch.equal(tiled, official_tile(old, new_shape)), (old_shape, new_shape)
+
+
 def test_tiling_to_the_same_shape_is_the_identity():
     config = Config(vocab_size=64, n_layers=3, d_model=16, n_heads=2, d_ff=24, window=4)
     old = ModernBERT(config)
@@ -325,26 +367,34 @@ def test_tiling_to_the_same_shape_is_the_identity():
 
 
 def test_tiling_splits_fused_tensors_and_maps_layers():
+    """tile_state_dict against the official loops: Wqkv tiled as Q, K and V, GeGLU's Wi as its input and
+    gate halves, every other tensor whole; new layer i from old layer official_layer_map[i]; the
+    vocabulary untouched and the decoder tied."""
     small = Config(vocab_size=64, n_layers=2, d_model=8, n_heads=2, d_ff=8, window=4)
-    big = Config(vocab_size=64, n_layers=3, d_model=12, n_heads=3, d_ff=12, window=4)
+    big = Config(vocab_size=64, n_layers=3, d_model=12, n_heads=3, d_ff=13, window=4)  # d_ff grows by 5
     old, new = ModernBERT(small), ModernBERT(big)
     state = train.tile_state_dict(old.state_dict(), small, new)
     new.load_state_dict(state)
     o = old.state_dict()
-    wrap = lambda n_new, n_old: [(i - (n_new - n_old) // 2) % n_old for i in range(n_new)]
-    rows, cols = wrap(12, 8), wrap(12, 8)
-    for new_layer, old_layer in ((0, 0), (1, 1), (2, 1)):  # layer map [0, 1, 1]
-        qkv, old_qkv = state[f"layers.{new_layer}.attn.Wqkv.weight"], o[f"layers.{old_layer}.attn.Wqkv.weight"]
-        for part in range(3):  # Q, K, V each center-tiled on its own
-            for i in range(12):
-                for j in range(12):
-                    assert qkv[12 * part + i, j] == old_qkv[8 * part + rows[i], cols[j]]
-        wi, old_wi = state[f"layers.{new_layer}.mlp.Wi.weight"], o[f"layers.{old_layer}.mlp.Wi.weight"]
-        for part in range(2):  # GeGLU input and gate halves
-            assert torch.equal(wi[12 * part:12 * (part + 1)], old_wi[8 * part:8 * (part + 1)][rows][:, cols])
-    assert torch.equal(state["tok_embeddings.weight"], o["tok_embeddings.weight"][:, cols])  # vocab untouched
+    for new_layer, old_layer in enumerate(official_layer_map(2, 3)):  # [0, 1, 1]
+        new_name, old_name = f"layers.{new_layer}.", f"layers.{old_layer}."
+        q, k, v = o[old_name + "attn.Wqkv.weight"].chunk(3)                   # (8, 8) each
+        qkv = torch.cat([official_tile(t, (12, 12)) for t in (q, k, v)])     # (36, 12)
+        assert torch.equal(state[new_name + "attn.Wqkv.weight"], qkv), new_name
+        wi, gate = o[old_name + "mlp.Wi.weight"].chunk(2)                     # (8, 8) each
+        wi = torch.cat([official_tile(t, (13, 12)) for t in (wi, gate)])     # (26, 12)
+        assert torch.equal(state[new_name + "mlp.Wi.weight"], wi), new_name
+        for name, shape in [("attn.Wo.weight", (12, 12)), ("mlp.Wo.weight", (12, 13)),
+                            ("mlp_norm.weight", (12,))]:
+            tiled = official_tile(o[old_name + name], shape)
+            assert torch.equal(state[new_name + name], tiled), new_name + name
+    norm = official_tile(o["layers.1.attn_norm.weight"], (12,))
+    assert torch.equal(state["layers.2.attn_norm.weight"], norm)
+    embedding = official_tile(o["tok_embeddings.weight"], (64, 12))           # vocab untouched
+    assert torch.equal(state["tok_embeddings.weight"], embedding)
+    assert torch.equal(state["decoder.weight"], embedding)
     assert torch.equal(state["decoder.bias"], o["decoder.bias"])
-    assert torch.equal(state["layers.2.attn_norm.weight"], o["layers.1.attn_norm.weight"][cols])
+    assert torch.equal(state["head.dense.weight"], official_tile(o["head.dense.weight"], (12, 12)))
     ids = torch.randint(5, 64, (2, 10))
     assert torch.isfinite(new(ids)[0]).all()
 
@@ -357,7 +407,7 @@ def test_init_from_tiles_a_smaller_checkpoint(data, tmp_path):
                          "--lr", "1e-9", "--weight_decay", "0", "--init_from", str(tmp_path / "small" / "phase1" / "ckpt.pt")))
     big = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
     assert big["config"]["d_model"] == 96 and big["config"]["n_layers"] == 4
-    expected = train.center_tile(small["model"]["tok_embeddings.weight"], (320, 96))
+    expected = official_tile(small["model"]["tok_embeddings.weight"], (320, 96))
     torch.testing.assert_close(big["model"]["tok_embeddings.weight"], expected, atol=1e-7, rtol=0)
 
 
