@@ -4,7 +4,15 @@ arXiv 2412.13663), read top to bottom like the paper.
 
 ModernBERT keeps BERT's job (a bidirectional encoder trained by masked language modelling) and
 swaps almost every part for what decoder LLMs learned since 2018. Each change is marked where it
-happens with "BERT:" (what it did) and "ModernBERT:" (what it does now, and why).
+happens with "BERT:" (what it did) and "ModernBERT:" (what it does now, and why):
+- unpadding: padding is removed once, at the start; every layer runs on real tokens only
+- rotary position embeddings (RoPE) instead of learned absolute positions
+- alternating attention: one layer in three global, the others a 128-token sliding window
+- FlashAttention's variable-length kernel (or PyTorch SDPA) on the packed stream
+- GeGLU instead of the GELU MLP; no biases in linear layers and norms; pre-norm blocks,
+  a LayerNorm after the embedding and after the last block
+- sparse prediction: the MLM head runs only on the masked tokens
+- Megatron-style init, with the residual output projections scaled down by depth
 
     model = ModernBERT(config_for("base"))
     logits, _ = model(input_ids, attention_mask=mask)            # (B, T, vocab)
@@ -75,6 +83,12 @@ def config_for(name, **overrides):
 # says where each document starts. Embedding, norms, projections, MLP and head then run on
 # (total_tokens, d_model); only attention needs to know about documents at all.
 
+def cu_seqlens_of(lengths, device=None):
+    """Document lengths -> cu_seqlens, the int32 start offsets [0, n0, n0 + n1, ..., total]."""
+    lengths = torch.as_tensor(lengths, device=device)
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))              # (n_docs + 1,)
+
+
 def unpad(input_ids, attention_mask=None, cu_seqlens=None):
     """Returns (tokens, cu_seqlens, indices); indices (None if already packed) puts tokens back."""
     if cu_seqlens is not None:  # a packed stream: (total_tokens,), documents back to back
@@ -85,10 +99,8 @@ def unpad(input_ids, attention_mask=None, cu_seqlens=None):
         raise ValueError("input_ids must be (batch, seq_len), or 1-D together with cu_seqlens")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    seqlens = attention_mask.sum(-1, dtype=torch.int32)                     # (B,)
     indices = torch.nonzero(attention_mask.flatten(), as_tuple=True)[0]     # (total_tokens,)
-    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))        # (B + 1,)
-    return input_ids.flatten()[indices], cu_seqlens, indices
+    return input_ids.flatten()[indices], cu_seqlens_of(attention_mask.sum(-1)), indices
 
 
 def repad(x, indices, shape):
@@ -101,18 +113,25 @@ def repad(x, indices, shape):
 
 
 class Documents:
-    """Where each document sits in the token stream; computed once per forward, used by all layers."""
+    """What every layer's attention needs to know about the stream, computed once per forward:
+    where each document starts and ends, each token's RoPE angles, and what the chosen attention
+    kernel needs (see `attend`). Blocks and attention take (x, docs) and nothing else."""
 
-    def __init__(self, cu_seqlens):
-        self.cu_seqlens = cu_seqlens                                       # (n_docs + 1,) int32
+    def __init__(self, cu_seqlens, config, backend):
+        self.cu_seqlens = cu_seqlens                                        # (n_docs + 1,) int32
+        self.backend = backend
         seqlens = cu_seqlens.diff()
         self.lengths = seqlens.tolist()
         self.max_seqlen = max(self.lengths, default=0)
-        n_tokens = int(cu_seqlens[-1])
         device = cu_seqlens.device
         self.doc_ids = torch.repeat_interleave(torch.arange(len(seqlens), device=device), seqlens)
         # Positions restart at 0 in every document, so a packed row is many independent texts.
-        self.positions = torch.arange(n_tokens, device=device) - cu_seqlens[self.doc_ids]
+        self.positions = torch.arange(int(cu_seqlens[-1]), device=device) - cu_seqlens[self.doc_ids]
+        self.rope_global = rope_tables(self.positions, config.head_dim, config.global_theta)
+        self.rope_local = rope_tables(self.positions, config.head_dim, config.local_theta)
+        if backend == "sdpa":  # the CPU kernels' gathers and masks, shared by all layers
+            self.length_groups = length_groups(self)
+            self.local_mask = local_block_mask(self, config.window // 2)
 
 
 # ----------------------------------------------------------------------------- rotary positions
@@ -122,6 +141,7 @@ class Documents:
 # context only needs a larger base (theta): phase 2 raises the global layers' theta to 160k.
 
 def rope_tables(positions, head_dim, theta):
+    """(cos, sin), each (total_tokens, head_dim): the angle of each token at each frequency."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[:, None] * inv_freq                       # (total_tokens, head_dim/2)
     angles = torch.cat((angles, angles), dim=-1)                         # (total_tokens, head_dim)
@@ -140,7 +160,53 @@ def apply_rope(x, cos, sin):
     return out
 
 
-# ----------------------------------------------------------------------------- attention kernels
+# ----------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    def __init__(self, config, is_global):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        # ModernBERT: alternating attention. Every third layer is global (sees the whole text);
+        # the others are local, seeing only +-64 tokens. Long contexts then cost mostly O(n),
+        # while the global layers still mix information across the whole document.
+        self.half_window = None if is_global else config.window // 2
+        self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.Wo = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.out_drop = nn.Dropout(config.attn_out_dropout)
+
+    def forward(self, x, docs):                                          # x: (total_tokens, d_model)
+        qkv = self.Wqkv(x).view(len(x), 3, self.n_heads, self.head_dim)
+        cos, sin = docs.rope_global if self.half_window is None else docs.rope_local
+        q, k = apply_rope(qkv[:, :2], cos, sin).to(qkv.dtype).unbind(dim=1)  # (total, heads, head_dim)
+        v = qkv[:, 2]
+        out = attend(q, k, v, docs, self.half_window)                    # (total, heads, head_dim)
+        return self.out_drop(self.Wo(out.reshape(len(x), -1)))
+
+
+def attend(q, k, v, docs, half_window):
+    """Each token attends to the tokens of its own document, in a local layer only to those at
+    distance <= half_window. `attention_reference` says exactly that in a few lines; the kernels
+    below it compute the same thing fast, and the tests hold each one to the reference."""
+    if docs.backend == "flash":
+        return flash_attention(q, k, v, docs, half_window)
+    if docs.backend == "reference":
+        return attention_reference(q, k, v, docs, half_window)
+    if half_window is None:
+        return sdpa_global(q, k, v, docs.length_groups)
+    return sdpa_local(q, k, v, docs.local_mask, half_window)
+
+
+def attention_reference(q, k, v, docs, half_window):
+    """The definition, dense: an (n, n) mask of same-document pairs, and in a local layer pairs
+    at distance <= half_window. O(n^2) time and memory: for tests and for reading."""
+    same_doc = docs.doc_ids[:, None] == docs.doc_ids[None, :]             # (n, n)
+    if half_window is not None:
+        i = torch.arange(len(q), device=q.device)
+        same_doc &= (i[:, None] - i[None, :]).abs() <= half_window
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))                      # (heads, n, head_dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc).transpose(0, 1)
+
+
 # BERT: dense attention over the padded rectangle, with a mask to hide the padding. ModernBERT:
 # FlashAttention's variable-length kernel on the unpadded stream, where cu_seqlens keeps every
 # document to itself and the sliding window costs nothing extra. Without flash-attn (CPU, MPS,
@@ -218,37 +284,12 @@ def sdpa_local(q, k, v, block_mask, half_window):
     return out.transpose(1, 2).reshape(n_blocks * w, heads, hd)[:n]
 
 
-# ----------------------------------------------------------------------------- the layers
+# ----------------------------------------------------------------------------- the other layers
 
 def layer_norm(config):
     # BERT: LayerNorm with a bias. ModernBERT: no bias in any norm (or linear layer, below): the
     # biases bought nothing at scale, and dropping them frees parameters for the matmuls.
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
-
-
-class Attention(nn.Module):
-    def __init__(self, config, is_global):
-        super().__init__()
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        # ModernBERT: alternating attention. Every third layer is global (sees the whole text);
-        # the others are local, seeing only +-64 tokens. Long contexts then cost mostly O(n),
-        # while the global layers still mix information across the whole document.
-        self.half_window = None if is_global else config.window // 2
-        self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.Wo = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.out_drop = nn.Dropout(config.attn_out_dropout)
-
-    def forward(self, x, docs, rope, plan):  # x: (total_tokens, d_model)
-        qkv = self.Wqkv(x).view(len(x), 3, self.n_heads, self.head_dim)
-        q, k = apply_rope(qkv[:, :2], *rope).to(qkv.dtype).unbind(dim=1)  # (total, heads, head_dim)
-        v = qkv[:, 2]
-        if plan is None:
-            out = flash_attention(q, k, v, docs, self.half_window)
-        elif self.half_window is None:
-            out = sdpa_global(q, k, v, plan["groups"])
-        else:
-            out = sdpa_local(q, k, v, plan["block_mask"], self.half_window)
-        return self.out_drop(self.Wo(out.reshape(len(x), -1)))
 
 
 class GeGLU(nn.Module):
@@ -276,8 +317,8 @@ class Block(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = GeGLU(config)
 
-    def forward(self, x, docs, rope, plan):
-        x = x + self.attn(self.attn_norm(x), docs, rope, plan)
+    def forward(self, x, docs):
+        x = x + self.attn(self.attn_norm(x), docs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -306,12 +347,13 @@ class ModernBERT(nn.Module):
         self.head = MLMHead(config)
         self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=True)
         self.decoder.weight = self.tok_embeddings.weight  # tied: the output reuses the input table
-        self.backend = "auto"  # or "flash" / "sdpa" to force one; see attention_backend
+        self.backend = "auto"  # or force one: "flash", "sdpa", "reference"; see attention_backend
         self.reset_parameters()
 
     @property
     def attention_backend(self):
-        """"flash" on CUDA when flash-attn imports, else "sdpa" (PyTorch, any device)."""
+        """"flash" on CUDA when flash-attn imports, else "sdpa" (PyTorch, any device). "reference"
+        (the dense definition, O(n^2)) runs only when asked for."""
         if self.backend == "flash" and flash_attn_varlen_qkvpacked_func is None:
             raise RuntimeError("backend 'flash' was asked for, but flash_attn does not import here")
         if self.backend != "auto":
@@ -333,37 +375,26 @@ class ModernBERT(nn.Module):
                 s = out_std if name.endswith(("Wo.weight", "head.dense.weight")) else std
                 nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s)
 
-    def body(self, tokens, cu_seqlens):
-        """(total_tokens,) ids and document boundaries -> (total_tokens, d_model) final states."""
-        docs = Documents(cu_seqlens)
-        plan, rope = self.attention_inputs(docs)
+    def encode_stream(self, tokens, cu_seqlens):
+        """(total_tokens,) ids of documents back to back, and where each starts -> (total_tokens,
+        d_model) final hidden states. The whole encoder; encode and forward only change layouts."""
+        docs = Documents(cu_seqlens, self.config, self.attention_backend)
         x = self.embed_norm(self.tok_embeddings(tokens))                 # (total_tokens, d_model)
         for block in self.layers:
-            x = block(x, docs, rope[block.is_global], plan)
+            x = block(x, docs)
         return self.final_norm(x)
-
-    def attention_inputs(self, docs):
-        """What every layer's attention shares: the SDPA path's gathers and masks (None for flash),
-        and the RoPE tables of global (True) and local (False) layers."""
-        plan = None
-        if self.attention_backend == "sdpa":
-            plan = {"groups": length_groups(docs), "block_mask": local_block_mask(docs, self.config.window // 2)}
-        c = self.config
-        rope = {True: rope_tables(docs.positions, c.head_dim, c.global_theta),
-                False: rope_tables(docs.positions, c.head_dim, c.local_theta)}
-        return plan, rope
 
     def encode(self, input_ids, attention_mask=None, cu_seqlens=None):
         """Final hidden states in the caller's layout: for embeddings and fine-tuning."""
         tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
-        return repad(self.body(tokens, cu_seqlens), indices, input_ids.shape)
+        return repad(self.encode_stream(tokens, cu_seqlens), indices, input_ids.shape)
 
     def forward(self, input_ids, attention_mask=None, cu_seqlens=None, labels=None):
         """Padded (B, T) ids + mask, or a packed 1-D stream + cu_seqlens. Returns (logits, loss).
         Without labels: logits for every token, in the caller's layout, and loss None.
         With labels (-100 = not predicted): logits only for the labelled tokens, in stream order."""
         tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
-        x = self.body(tokens, cu_seqlens)
+        x = self.encode_stream(tokens, cu_seqlens)
         if labels is None:
             return repad(self.decoder(self.head(x)), indices, input_ids.shape), None
         # ModernBERT: sparse prediction. Only the ~30% masked tokens have a loss, so the head and

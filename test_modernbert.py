@@ -254,10 +254,8 @@ def test_all_padding_row_and_padding_tokens_do_no_harm():
 
 def layer_output(model, index, x, cu):
     """The attention output of one layer, on a single stream x (total_tokens, d_model)."""
-    docs = Documents(cu)
-    plan, rope = model.attention_inputs(docs)
-    block = model.layers[index]
-    return block.attn(x, docs, rope[block.is_global], plan)
+    docs = Documents(cu, model.config, model.attention_backend)
+    return model.layers[index].attn(x, docs)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
