@@ -80,7 +80,7 @@ def test_lr_schedule_hand_picked_points():
 
 
 def test_phase_defaults_keep_the_papers_relations():
-    phase1 = dict(train.COMMON, seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32,
+    phase1 = dict(train.EVERY_PRESET, seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32,
                   min_batch_size=8, batch_warmup_tokens=5000, micro_batch=8)
     phase2 = train.derived_settings(2, phase1)
     assert (phase2["seq_len"], phase2["tokens"], phase2["lr"]) == (2048, 250_000, pytest.approx(3e-4))
@@ -141,7 +141,7 @@ def test_packing_keeps_every_token_once_and_reports_efficiency():
     lengths = rng.integers(1, 200, 500)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     seq_len = 64
-    pieces = train.split_documents(offsets, seq_len)
+    pieces = train.document_pieces(offsets, seq_len)
     rows, efficiency = train.pack(pieces, seq_len)
     for start, n in pieces:  # a piece never crosses a document boundary, nor exceeds a row
         doc = np.searchsorted(offsets, start, side="right") - 1
@@ -165,7 +165,7 @@ def test_packing_keeps_every_token_once_and_reports_efficiency():
 def test_real_corpus_packs_above_99_percent(stdlib_data):
     _, offsets = train.load_split(stdlib_data, "train")
     for seq_len in (256, 2048):
-        assert train.pack(train.split_documents(offsets, seq_len), seq_len)[1] >= 0.99
+        assert train.pack(train.document_pieces(offsets, seq_len), seq_len)[1] >= 0.99
 
 
 def test_eval_set_is_fixed_across_row_lengths(data):

@@ -11,6 +11,9 @@ Phase N writes out/phaseN/: ckpt.pt (continue an interrupted phase with --resume
 tokenizer.json and hf/ (a Hugging Face directory). Phase N+1 starts from out/phaseN/ckpt.pt and
 derives its defaults (length, learning rate, token budget, batch) from phase N's settings, the
 way the paper derived its phases from each other; any flag given explicitly wins.
+
+The file reads in the order a run executes: main() and train(), whose loop is one training step
+after another; then each piece it calls, in the order it calls them.
 """
 import argparse
 import bisect
@@ -29,23 +32,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modernbert import Config, ModernBERT, config_for
+from modernbert import PRESETS, Config, ModernBERT, config_for, cu_seqlens_of
 from prepare import load_meta, load_split
 
 # ----------------------------------------------------------------------------- the recipe
 
-# The paper's token budgets in billions (1.719T, 250B, 50B). Phases 2 and 3 keep these proportions
-# to the phase before them unless --tokens says otherwise.
-PAPER_TOKENS = {1: 1719, 2: 250, 3: 50}
-PHASE2_LR_FACTOR = 3 / 8          # base: 8e-4 in phase 1, 3e-4 in phases 2 and 3
-LENGTH_FACTOR = 8                 # context extension: 1024 -> 8192
-DECAY_FLOOR = 0.001               # phase 3 ends at 0.001 x its peak LR
-EVAL_SEED = 1234                  # fixed, so evals compare across steps, runs, phases and --seed
-
 # Phase-1 settings of each --preset; phases 2 and 3 derive theirs (see derived_settings).
 TRAIN_PRESETS = {
-    # A CPU, 2 cores: phase 1 in ~15 min. How these numbers were chosen: see the README.
-    "laptop": dict(model="small", n_layers=4, seq_len=256, tokens=3_200_000, lr=1e-3, warmup_tokens=50_000,
+    # A CPU, 2 cores: phase 1 in minutes. How these numbers were chosen: see the README.
+    "laptop": dict(model="mini", seq_len=256, tokens=3_200_000, lr=1e-3, warmup_tokens=50_000,
                    batch_size=16, min_batch_size=4, batch_warmup_tokens=1_600_000, micro_batch=4),
     # The real shapes on one 24 GB GPU (bf16, flash-attn): the paper's lengths, LRs and warmups
     # at a smaller batch; phase 2 then runs 8192-token rows one per micro-batch.
@@ -54,9 +49,223 @@ TRAIN_PRESETS = {
     "large-24gb": dict(model="large", seq_len=1024, tokens=2_000_000_000, lr=5e-4, warmup_tokens=20_000_000,
                        batch_size=512, min_batch_size=64, batch_warmup_tokens=100_000_000, micro_batch=4),
 }
+EVERY_PRESET = dict(weight_decay=1e-5, dropout=0.1, mask_rate=0.3, seed=1337)
 RUN_KEYS = ["seq_len", "tokens", "lr", "warmup_tokens", "batch_size", "min_batch_size",
             "batch_warmup_tokens", "micro_batch", "weight_decay", "dropout", "mask_rate", "seed"]
 MODEL_KEYS = ["n_layers", "d_model", "n_heads", "d_ff", "window"]
+
+# The paper's token budgets in billions (1.719T, 250B, 50B). Phases 2 and 3 keep these proportions
+# to the phase before them unless --tokens says otherwise.
+PAPER_TOKENS = {1: 1719, 2: 250, 3: 50}
+PHASE2_LR_FACTOR = 3 / 8          # base: 8e-4 in phase 1, 3e-4 in phases 2 and 3
+LENGTH_FACTOR = 8                 # context extension: 1024 -> 8192
+DECAY_FLOOR = 0.001               # phase 3 ends at 0.001 x its peak LR
+EVAL_SEED = 1234                  # fixed, so evals compare across steps, runs, phases and --seed
+TRAIN_CKPT_KEYS = {"config", "model", "meta", "phase", "run", "optimizer", "step", "tokens", "position"}
+
+
+def main(argv=None):
+    args = get_args(argv)  # the flags are listed at the end of the file
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        return train(args, device, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, device, rank, world):
+    """One phase: where it starts, its settings, the model, the data; then the training loop."""
+    phase, master = args.phase, rank == 0
+    meta = read_meta(args.data)
+    start = phase_start(args, meta)        # its own checkpoint (--resume), the previous phase's, or none
+    s = phase_settings(args, start, world)  # s: seq_len, tokens, lr, batch sizes, ... (RUN_KEYS)
+    bf16, peak, use_compile = speed_setup(device, args.dtype, args.compile)
+    model, optimizer = model_and_optimizer(args, meta, start, s, device)
+    data = TrainData(args.data, meta, s["seq_len"], s["seed"], phase, s["mask_rate"])
+    evals = eval_batches(args.data, meta, s["seq_len"], args.eval_tokens, s["micro_batch"], rank, world, device)
+    if use_compile:  # the MLPs: most of the FLOPs, static enough to compile once (dynamic token count)
+        for block in model.layers:
+            block.mlp.compile(dynamic=True)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    autocast = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+    lengths = np.array([n for _, n in data.pieces], dtype=np.float64)  # attention FLOPs by real doc length
+    flops = model.flops_per_token((lengths ** 2).sum() / lengths.sum(), s["mask_rate"])
+    phase_dir = os.path.join(args.out, f"phase{phase}")
+    ckpt_path = os.path.join(phase_dir, "ckpt.pt")
+    log = open_log(phase_dir, args.data, append=start.resumed) if master else None
+    if master:
+        print_banner(args, model, s, data, start, device, bf16, peak, use_compile, world)
+    write_log(log, phase, event="resume" if start.resumed else "start", step=start.step, tokens=start.tokens,
+              settings=s, config=asdict(model.config), packing_efficiency=data.efficiency, device=device,
+              bf16=bf16, processes=world)
+    ckpt_info = dict(meta=meta, phase=phase, run=s)  # what every checkpoint of this phase holds too
+
+    # ---- the loop: batch -> forward/backward -> optimizer step -> log -> eval -> checkpoint
+    step, tokens, position = start.step, start.tokens, start.position
+    step_size = s["micro_batch"] * world  # the batch grows one micro-batch per process at a time
+    model.train()
+    bar = tqdm(total=s["tokens"], initial=min(tokens, s["tokens"]), unit="tok", unit_scale=True,
+               desc=f"phase {phase}", disable=not master, dynamic_ncols=True)
+    # A model that did not start from scratch is evaluated first: phases 2 and 3 show what the
+    # longer rows and the new theta do before any training; --init_from shows the tiled model.
+    last_eval = None  # (step, (val loss, val acc))
+    if start.continues_a_model and not start.resumed:
+        last_eval = (step, evaluate(model, evals, autocast, world))
+        report_eval(log, phase, step, tokens, *last_eval[1])
+    try:
+        while tokens < s["tokens"] and (args.max_steps is None or step < args.max_steps):
+            t0 = time.perf_counter()
+            batch_size = batch_size_at(tokens, s["min_batch_size"], s["batch_size"], step_size,
+                                       s["batch_warmup_tokens"])
+            keys, position = data.take(position, batch_size)
+            step_tokens = sum(n for _, i in keys for _, n in data.rows[i])
+            lr = lr_at(phase, tokens + step_tokens, s["lr"], s["warmup_tokens"], s["tokens"])
+            mine = keys[rank::world]  # this process's share of the global batch
+            micro_batches = [data.batch(mine[i:i + s["micro_batch"]], device)
+                             for i in range(0, len(mine), s["micro_batch"])]
+            torch.manual_seed(dropout_seed(s["seed"], phase, step, rank))
+            loss_sum, n_masked = forward_backward(train_model, micro_batches, world, autocast)
+            train_loss = (loss_sum / n_masked).item()
+            if not math.isfinite(train_loss):
+                fail(f"loss is {train_loss} at step {step + 1}; stopped before the update, the last good "
+                     f"checkpoint ({ckpt_path if os.path.exists(ckpt_path) else 'none yet'}) is intact. "
+                     "Try a lower --lr")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens = step + 1, tokens + step_tokens
+
+            tokens_per_s = step_tokens / (time.perf_counter() - t0)
+            mfu = tokens_per_s * flops / (peak * world) if peak else None
+            bar.update(step_tokens)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch_size, tok_s=f"{tokens_per_s:,.0f}",
+                            mfu="n/a" if mfu is None else f"{mfu:.1%}")
+            write_log(log, phase, step=step, tokens=tokens, loss=train_loss, lr=lr, batch_size=batch_size,
+                      tokens_per_s=tokens_per_s, mfu=mfu)
+            if step % args.eval_every == 0:
+                last_eval = (step, evaluate(model, evals, autocast, world))
+                report_eval(log, phase, step, tokens, *last_eval[1])
+            if step % args.ckpt_every == 0:
+                progress = dict(step=step, tokens=tokens, position=position, finished=False)
+                save_training_checkpoint(ckpt_path, model, optimizer, {**ckpt_info, **progress}, world)
+    except KeyboardInterrupt:
+        saved = (f"{ckpt_path} is intact: continue with `{command(args, phase, ' --resume')}`"
+                 if os.path.exists(ckpt_path) else "no checkpoint written yet")
+        fail(f"interrupted at step {step}; {saved}")
+    bar.close()
+
+    # ---- the end of the phase: a last eval, the Hugging Face export, the final checkpoint
+    finished = tokens >= s["tokens"]
+    if not (last_eval and last_eval[0] == step):
+        last_eval = (step, evaluate(model, evals, autocast, world))
+        report_eval(log, phase, step, tokens, *last_eval[1])
+    val_loss, val_acc = last_eval[1]
+    if finished and master:
+        export_hf(model, phase_dir, os.path.join(args.data, "tokenizer.json"))
+    progress = dict(step=step, tokens=tokens, position=position, finished=finished)
+    # last, so that a finished checkpoint implies the export is there too
+    save_training_checkpoint(ckpt_path, model, optimizer, {**ckpt_info, **progress}, world)
+    if master:
+        print(f"phase {phase} {'done' if finished else 'stopped'}: step {step}, {tokens:,} tokens, val loss "
+              f"{val_loss:.4f}, val acc {val_acc:.2%}; {ckpt_path}" + (f", {phase_dir}/hf" if finished else
+              f"; continue with `{command(args, phase, ' --resume')}`"))
+        log.close()
+    return {"step": step, "tokens": tokens, "val_loss": val_loss, "val_acc": val_acc, "finished": finished}
+
+
+# ----------------------------------------------------------------------------- where a phase starts
+
+def read_meta(data_dir):
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        fail(f"no prepared data in {data_dir}/ (meta.json missing): run `python prepare.py"
+             + ("" if data_dir == "data/stdlib" else f" --out {data_dir}") + "` first")
+    return load_meta(data_dir)
+
+
+def command(args, phase, extra=""):
+    """The command line that runs `phase` on this run's data and output directory."""
+    where = ("" if args.data == "data/stdlib" else f" --data {args.data}") + \
+            ("" if args.out == "out" else f" --out {args.out}")
+    return f"python train.py --phase {phase}{where}{extra}"
+
+
+class PhaseStart:
+    """What a phase starts from: `resumed` (its own checkpoint, --resume), `previous` (the phase
+    before it, for phases 2 and 3), `small` (--init_from, a model to tile up), or nothing."""
+
+    def __init__(self, resumed=None, previous=None, path=None, small=None):
+        self.resumed, self.previous, self.path, self.small = resumed, previous, path, small
+        self.source = resumed or previous  # the checkpoint whose model and optimizer continue
+        self.continues_a_model = bool(self.source or small)
+        self.step, self.tokens, self.position = (
+            (resumed["step"], resumed["tokens"], resumed["position"]) if resumed else (0, 0, [0, 0]))
+
+
+def phase_start(args, meta):
+    phase = args.phase
+    ckpt_path = os.path.join(args.out, f"phase{phase}", "ckpt.pt")
+    start = PhaseStart()
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: {ckpt_path} does not exist: start the phase with `{command(args, phase)}`")
+        start = PhaseStart(resumed=read_training_checkpoint(ckpt_path), path=ckpt_path)
+    elif os.path.exists(ckpt_path) and not args.overwrite:
+        fail(f"{ckpt_path} exists: continue it with --resume, or start the phase over with --overwrite")
+    elif phase > 1:
+        prev_path = os.path.join(args.out, f"phase{phase - 1}", "ckpt.pt")
+        if not os.path.exists(prev_path):
+            fail(f"phase {phase} starts from {prev_path}, which does not exist: run "
+                 f"`{command(args, phase - 1)}` first")
+        previous = read_training_checkpoint(prev_path)
+        if not previous.get("finished"):
+            fail(f"phase {phase - 1} is unfinished ({prev_path} is at {previous['tokens']:,} of "
+                 f"{previous['run']['tokens']:,} tokens): run `{command(args, phase - 1, ' --resume')}` first")
+        start = PhaseStart(previous=previous, path=prev_path)
+    if args.init_from and (phase != 1 or start.resumed):
+        fail("--init_from starts a fresh phase 1 from a smaller model; later phases start from the previous one")
+    if args.init_from:
+        start.small = read_training_checkpoint(args.init_from)
+        start.continues_a_model = True
+    for ckpt, path in [(start.source, start.path), (start.small, args.init_from)]:
+        if ckpt:
+            for key in ["vocab_size"] + sorted(k for k in ckpt["meta"] if k.endswith("_id")):
+                if ckpt["meta"][key] != meta.get(key):  # ids must mean the same tokens
+                    fail(f"{path} was trained on data with {key}={ckpt['meta'][key]}, "
+                         f"{args.data} has {meta.get(key)}")
+    return start
+
+
+def phase_settings(args, start, world):
+    """The run settings (RUN_KEYS): phase 1 takes the preset's, phase 2 and 3 derive theirs from the
+    previous phase's, --resume keeps its own; then any flag given explicitly wins."""
+    if start.resumed:
+        settings = dict(start.resumed["run"])
+    elif start.previous:
+        settings = derived_settings(args.phase, start.previous["run"])
+    else:
+        preset = TRAIN_PRESETS[args.preset]
+        settings = {**EVERY_PRESET, **{k: v for k, v in preset.items() if k in RUN_KEYS}}
+    for key in RUN_KEYS:
+        value = getattr(args, key)
+        if value is not None and start.resumed and value != settings[key]:
+            fail(f"--{key} {value} differs from {settings[key]} in {start.path}: --resume continues a run "
+                 "with its own settings")
+        settings[key] = settings[key] if value is None else value
+    s = settings
+    step_size = s["micro_batch"] * world
+    if s["batch_size"] % world or s["min_batch_size"] % world or (s["batch_size"] - s["min_batch_size"]) % step_size:
+        fail(f"batch sizes {s['min_batch_size']} -> {s['batch_size']} must be multiples of the {world} "
+             f"processes and differ by a multiple of micro_batch x processes = {step_size}")
+    return settings
 
 
 def derived_settings(phase, prev):
@@ -71,6 +280,87 @@ def derived_settings(phase, prev):
     s["min_batch_size"] = s["batch_size"]  # batch-size warmup happens in phase 1 only
     return s
 
+
+def model_and_optimizer(args, meta, start, s, device):
+    """The model (continued, tiled up from a smaller one, or fresh) and its StableAdamW."""
+    config = model_config(args, meta, start)
+    config.global_theta = 10_000.0 if args.phase == 1 else 160_000.0  # local layers stay at 10k
+    config.max_seq_len, config.attn_out_dropout = s["seq_len"], s["dropout"]
+    torch.manual_seed(s["seed"])
+    model = ModernBERT(config)
+    if start.small:
+        try:
+            model.load_state_dict(tile_state_dict(start.small["model"], Config(**start.small["config"]), model))
+        except ValueError as e:
+            fail(f"--init_from {args.init_from}: {e}")
+    if start.source:
+        try:
+            model.load_state_dict(start.source["model"])
+        except RuntimeError as e:
+            fail(f"{start.path} does not fit the model: {e}")
+    model.to(device)
+    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+    if start.source:
+        optimizer.load_state_dict(start.source["optimizer"])  # phases 2 and 3 keep Adam's moments
+    optimizer.param_groups[0]["weight_decay"] = s["weight_decay"]
+    for group in optimizer.param_groups:
+        group["max_lr"] = s["lr"]
+    return model, optimizer
+
+
+def model_config(args, meta, start):
+    """A continued model keeps its shape (flags may only repeat it); a new one is the preset's
+    model with the flags' changes."""
+    overrides = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
+    if start.source:
+        config = Config(**start.source["config"])
+        requested = {**(asdict(config_for(args.model)) if args.model else {}), **overrides}
+        for key in MODEL_KEYS:
+            if key in requested and requested[key] != getattr(config, key):
+                fail(f"the model in {start.path} has {key} {getattr(config, key)}, the flags ask for "
+                     f"{requested[key]}: phase {args.phase} continues that model")
+        return config
+    model = args.model or TRAIN_PRESETS[args.preset]["model"]
+    return config_for(model, vocab_size=meta["vocab_size"], pad_id=meta["pad_id"], cls_id=meta["cls_id"],
+                      sep_id=meta["sep_id"], **overrides)
+
+
+def print_banner(args, model, s, data, start, device, bf16, peak, use_compile, world):
+    c, phase = model.config, args.phase
+    origin = (f"; from {start.path}" + (f" at step {start.step}" if start.resumed else "")) if start.source else ""
+    print(f"phase {phase}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({c.n_layers} "
+          f"layers, d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} heads), RoPE theta global "
+          f"{c.global_theta:g} / local {c.local_theta:g}; {device}, {'bf16 autocast' if bf16 else 'fp32'}, "
+          f"attention {model.attention_backend}, compile {'on' if use_compile else 'off'}, {world} process(es)"
+          f"{origin}")
+    print(f"data {args.data}: {len(data.rows):,} rows of {s['seq_len']} tokens, packing efficiency "
+          f"{data.efficiency:.2%}; eval on {args.eval_tokens:,} val tokens, 15% masked")
+    shape = {1: f"after {s['warmup_tokens']:,} warmup tokens", 2: "constant",
+             3: f"decaying as 1 - sqrt to {DECAY_FLOOR * s['lr']:g}"}[phase]
+    batch = (f"{s['min_batch_size']} -> {s['batch_size']} sequences over {s['batch_warmup_tokens']:,} tokens"
+             if s["min_batch_size"] < s["batch_size"] else f"{s['batch_size']} sequences")
+    mfu = (f"MFU against {peak / 1e12:.3g} TFLOP/s{' (measured matmul)' if device == 'cpu' else ''}"
+           if peak else "MFU n/a")
+    print(f"schedule: {s['tokens']:,} tokens, peak LR {s['lr']:g} {shape}; batch {batch}, "
+          f"micro-batch {s['micro_batch']}; {mfu}")
+
+
+def open_log(phase_dir, data_dir, append):
+    """The phase directory with the tokenizer beside the model, and its log.jsonl, open."""
+    os.makedirs(phase_dir, exist_ok=True)
+    if os.path.exists(os.path.join(data_dir, "tokenizer.json")):
+        shutil.copy(os.path.join(data_dir, "tokenizer.json"), os.path.join(phase_dir, "tokenizer.json"))
+    return open(os.path.join(phase_dir, "log.jsonl"), "a" if append else "w")
+
+
+def write_log(log, phase, **fields):
+    """One JSON line per event in log.jsonl (rank 0 only: the other ranks have no log)."""
+    if log:
+        log.write(json.dumps({"phase": phase, **fields}) + "\n")
+        log.flush()
+
+
+# ----------------------------------------------------------------------------- schedules
 
 def lr_at(phase, tokens, peak, warmup_tokens, total_tokens):
     """Learning rate for a step, read at `tokens` = tokens seen once this step's batch is in (so
@@ -92,9 +382,44 @@ def batch_size_at(tokens, min_size, max_size, step_size, warmup_tokens):
     return min_size + step_size * int(tokens * n_sizes // warmup_tokens)
 
 
-# ----------------------------------------------------------------------------- data: packing
+# ----------------------------------------------------------------------------- data: packing, masking
 
-def split_documents(offsets, seq_len):
+class TrainData:
+    """The training split packed into rows of one phase's length, visited in a seeded shuffle per
+    epoch. Position = (epoch, rows used in it); every row's mask is drawn from a generator seeded
+    by (seed, phase, epoch, row), so masks never depend on how rows are split among ranks."""
+
+    def __init__(self, data_dir, meta, seq_len, seed, phase, mask_rate):
+        self.tokens, offsets = load_split(data_dir, "train")
+        self.pieces = document_pieces(offsets, seq_len)
+        self.rows, self.efficiency = pack(self.pieces, seq_len)
+        self.seed, self.phase, self.mask_rate = seed, phase, mask_rate
+        self.special_ids, self.ordinary_ids = special_and_ordinary_ids(meta)
+        self.mask_id = meta["mask_id"]
+
+    def order(self, epoch):
+        return np.random.default_rng([self.seed, self.phase, epoch]).permutation(len(self.rows))
+
+    def take(self, position, n):
+        """The next n rows as (epoch, index) keys, and the position after them."""
+        epoch, used = position
+        keys = []
+        while len(keys) < n:
+            take = min(n - len(keys), len(self.rows) - used)
+            keys += [(epoch, i) for i in self.order(epoch)[used:used + take]]
+            epoch, used = (epoch + 1, 0) if used + take == len(self.rows) else (epoch, used + take)
+        return keys, [epoch, used]
+
+    def batch(self, keys, device):
+        """Rows -> one packed, masked micro-batch on the device: (ids, cu_seqlens, labels)."""
+        rows = [self.rows[i] for _, i in keys]
+        masked = [mask_tokens(gather(self.tokens, row), np.random.default_rng([self.seed, self.phase, epoch, i]),
+                              self.mask_rate, self.mask_id, self.special_ids, self.ordinary_ids)
+                  for (epoch, i), row in zip(keys, rows)]
+        return to_device([m[0] for m in masked], [m[1] for m in masked], rows, device)
+
+
+def document_pieces(offsets, seq_len):
     """(start, length) pieces of the token stream: each document whole, or, if longer than a row,
     cut into seq_len chunks and a remainder."""
     return [(s, min(seq_len, int(end) - s))
@@ -123,6 +448,10 @@ def gather(array, row):
     return np.concatenate([array[s:s + n] for s, n in row]).astype(np.int64)
 
 
+def gather(array, row):
+    return np.concatenate([array[s:s + n] for s, n in row]).astype(np.int64)
+
+
 def mask_tokens(ids, rng, rate, mask_id, special_ids, ordinary_ids):
     """BERT's corruption: select `rate` of the ordinary tokens (never [CLS], [SEP], [PAD] or the other
     specials); of those 80% -> [MASK], 10% -> a random ordinary token, 10% left as they are.
@@ -136,52 +465,17 @@ def mask_tokens(ids, rng, rate, mask_id, special_ids, ordinary_ids):
     return inputs, np.where(selected, ids, -100)
 
 
-def to_device(inputs, labels, rows, device):
-    """Rows -> one packed stream: ids and labels (total,), cu_seqlens (n_pieces + 1,) int32."""
-    lengths = [n for row in rows for _, n in row]
-    cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
-    return (torch.from_numpy(np.concatenate(inputs)).to(device), cu_seqlens.to(device),
-            torch.from_numpy(np.concatenate(labels)).to(device))
-
-
-class TrainData:
-    """The training split packed into rows of one phase's length, visited in a seeded shuffle per
-    epoch. Position = (epoch, rows used in it); every row's mask is drawn from a generator seeded
-    by (seed, phase, epoch, row), so masks never depend on how rows are split among ranks."""
-
-    def __init__(self, data_dir, meta, seq_len, seed, phase, mask_rate):
-        self.tokens, offsets = load_split(data_dir, "train")
-        self.pieces = split_documents(offsets, seq_len)
-        self.rows, self.efficiency = pack(self.pieces, seq_len)
-        self.seed, self.phase, self.mask_rate = seed, phase, mask_rate
-        self.special_ids, self.ordinary_ids = special_and_ordinary_ids(meta)
-        self.mask_id = meta["mask_id"]
-
-    def order(self, epoch):
-        return np.random.default_rng([self.seed, self.phase, epoch]).permutation(len(self.rows))
-
-    def take(self, position, n):
-        """The next n rows as (epoch, index) keys, and the position after them."""
-        epoch, used = position
-        keys = []
-        while len(keys) < n:
-            take = min(n - len(keys), len(self.rows) - used)
-            keys += [(epoch, i) for i in self.order(epoch)[used:used + take]]
-            epoch, used = (epoch + 1, 0) if used + take == len(self.rows) else (epoch, used + take)
-        return keys, [epoch, used]
-
-    def batch(self, keys, device):
-        rows = [self.rows[i] for _, i in keys]
-        masked = [mask_tokens(gather(self.tokens, row), np.random.default_rng([self.seed, self.phase, epoch, i]),
-                              self.mask_rate, self.mask_id, self.special_ids, self.ordinary_ids)
-                  for (epoch, i), row in zip(keys, rows)]
-        return to_device([m[0] for m in masked], [m[1] for m in masked], rows, device)
-
-
 def special_and_ordinary_ids(meta):
     special = np.array(sorted({v for k, v in meta.items() if k.endswith("_id")}))
     vocab = meta.get("tokenizer_vocab_size", meta["vocab_size"])
     return special, np.setdiff1d(np.arange(vocab), special)
+
+
+def to_device(inputs, labels, rows, device):
+    """Rows -> one packed stream: ids and labels (total,), cu_seqlens (n_pieces + 1,) int32."""
+    cu_seqlens = cu_seqlens_of([n for row in rows for _, n in row])
+    return (torch.from_numpy(np.concatenate(inputs)).to(device), cu_seqlens.to(device),
+            torch.from_numpy(np.concatenate(labels)).to(device))
 
 
 def eval_batches(data_dir, meta, seq_len, eval_tokens, micro_batch, rank, world, device):
@@ -199,7 +493,7 @@ def eval_batches(data_dir, meta, seq_len, eval_tokens, micro_batch, rank, world,
         start, end = int(offsets[d]), int(min(offsets[d + 1], offsets[d] + eval_tokens - n))
         docs.append((start, end))  # the last one cut short, so the set holds exactly eval_tokens
         n += end - start
-    pieces = [p for start, end in sorted(docs) for p in split_documents([start, end], seq_len)]
+    pieces = [p for start, end in sorted(docs) for p in document_pieces([start, end], seq_len)]
     rows, _ = pack(pieces, seq_len)
     rows = rows[rank::world]
     return [to_device([gather(inputs, r) for r in rows[i:i + micro_batch]],
@@ -207,7 +501,34 @@ def eval_batches(data_dir, meta, seq_len, eval_tokens, micro_batch, rank, world,
             for i in range(0, len(rows), micro_batch)]
 
 
-# ----------------------------------------------------------------------------- optimizer
+# ----------------------------------------------------------------------------- the training step
+
+def dropout_seed(seed, phase, step, rank):
+    """Dropout's draws for one step: seeded, so a resumed run repeats them exactly."""
+    return int(np.random.SeedSequence([seed, phase, step, rank]).generate_state(1)[0])
+
+
+def forward_backward(model, micro_batches, world, autocast):
+    """Accumulates in .grad the gradient of the global batch's mean loss over its masked tokens,
+    however the batch is split into micro-batches and processes. Returns the global (loss sum,
+    masked count). Each token weighs 1 / (global count): the loss never grows with the number of
+    micro-batches, and the factor `world` undoes DDP's averaging of gradients over processes."""
+    n_masked = torch.stack([(labels != -100).sum() for *_, labels in micro_batches]).sum().float()
+    if world > 1:
+        dist.all_reduce(n_masked)
+    loss_sum = torch.zeros((), device=n_masked.device)
+    for i, (ids, cu_seqlens, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce once, at the end
+            with autocast():
+                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)  # logits of masked tokens only
+            loss = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
+            (loss * world / n_masked).backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum, n_masked
+
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with two changes, as ModernBERT trained (optimi's StableAdamW):
@@ -246,6 +567,107 @@ def make_optimizer(model, lr, weight_decay):
     params = [p for p in model.parameters() if p.requires_grad]
     return StableAdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints
+
+@torch.no_grad()
+def evaluate(model, evals, autocast, world):
+    """(val loss, val accuracy) over the fixed eval set's masked tokens, summed over all ranks."""
+    model.eval()
+    device = model.decoder.weight.device
+    sums = torch.zeros(3, device=device)  # loss, correct, count (float32: MPS has no float64)
+    for ids, cu_seqlens, labels in evals:
+        with autocast():
+            logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)
+        target = labels[labels != -100]
+        sums += torch.stack([F.cross_entropy(logits.float(), target, reduction="sum"),
+                             (logits.argmax(-1) == target).sum().float(),
+                             torch.tensor(len(target), device=device).float()])
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+def report_eval(log, phase, step, tokens, loss, acc):
+    write_log(log, phase, step=step, tokens=tokens, val_loss=loss, val_acc=acc)
+    if log:
+        tqdm.write(f"phase {phase} step {step} ({tokens:,} tokens): val loss {loss:.4f}, val acc {acc:.2%}")
+
+
+def save_training_checkpoint(path, model, optimizer, info, world):
+    """Model, optimizer and where the phase stands (info: meta, phase, run settings, step, tokens,
+    data position, finished). No generator states: masks and dropout are seeded from (seed,
+    phase, step or row). Rank 0 writes; the others wait for it."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        fail(f"the weights hold NaN/inf at step {info['step']}; nothing saved, the last good checkpoint is intact")
+    if world == 1 or dist.get_rank() == 0:
+        save_checkpoint(path, {"config": asdict(model.config), "model": model.state_dict(),
+                               "optimizer": optimizer.state_dict(), **info})
+    if world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, flush it to disk, then rename it over the old checkpoint.
+    An interrupt at any moment leaves either the old checkpoint or the new one, never a mix."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """A checkpoint's dict. weights_only=True: tensors and plain containers only, so a file from
+    anywhere cannot run code while it loads. ValueError if it is not a readable model checkpoint.
+    State-dict names saved from torch.compile or DDP ("_orig_mod.", "module.") are made plain."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch each raise their own kind for a foreign file
+        raise ValueError(f"{path!r} is not a model checkpoint, or is corrupted ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        raise ValueError(f"{path!r} is not a model checkpoint: no 'config' and 'model' entries")
+    state = {}
+    for name, tensor in ckpt["model"].items():
+        while name.startswith(("_orig_mod.", "module.")):
+            name = name.split(".", 1)[1]
+        state[name] = tensor
+    ckpt["model"] = state
+    return ckpt
+
+
+def read_training_checkpoint(path):
+    """A train.py checkpoint, with everything a phase needs to continue from it."""
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        fail(str(e))
+    missing = TRAIN_CKPT_KEYS - set(ckpt)
+    if missing:
+        fail(f"{path} is not a train.py checkpoint: it lacks {', '.join(sorted(missing))}")
+    return ckpt
+
+
+def export_hf(model, out_dir, tokenizer):
+    """The phase's Hugging Face directory, written beside and then swapped in."""
+    final, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if os.path.exists(tokenizer):
+        shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def fail(message):
+    raise SystemExit(f"train.py: error: {message}")
 
 
 # ----------------------------------------------------------------------------- tiling init
@@ -289,52 +711,10 @@ def tile_state_dict(old_state, old_config, new_model):
     return new_state
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, flush it to disk, then rename it over the old checkpoint.
-    An interrupt at any moment leaves either the old checkpoint or the new one, never a mix."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path} (corrupted, or not a train.py checkpoint): {type(e).__name__}: {e}")
-    missing = {"config", "model", "meta", "phase", "run", "optimizer", "step", "tokens", "position"} - set(ckpt)
-    if missing:
-        fail(f"{path} is not a train.py checkpoint: it lacks {', '.join(sorted(missing))}")
-    return ckpt
-
-
-def export_hf(model, out_dir, tokenizer):
-    """The phase's Hugging Face directory, written beside and then swapped in."""
-    final, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if os.path.exists(tokenizer):
-        shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def fail(message):
-    raise SystemExit(f"train.py: error: {message}")
-
-
 # ----------------------------------------------------------------------------- device, speed
 
-def pick_device(name):
+def pick_device(name="auto"):
+    """"auto": CUDA, else Apple's MPS, else the CPU; any other name is used as it is."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -349,14 +729,17 @@ GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B
 
 
 def matmul_flops(dtype, device="cpu", n=1024, seconds=0.25):
-    """This CPU's practical peak: the fastest of repeated n x n matmuls (the fastest, so that a
+    """The device's practical peak: the fastest of repeated n x n matmuls (the fastest, so that a
     moment of competition from other programs does not lower it). For MFU and the bf16 choice."""
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else lambda: None
     a @ b
     best, stop = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < stop:
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
 
@@ -379,32 +762,7 @@ def speed_setup(device, dtype, compile_flag):
     return bf16, peak, use_compile
 
 
-def forward_backward(model, micro_batches, world, autocast):
-    """Accumulates in .grad the gradient of the global batch's mean loss over its masked tokens,
-    however the batch is split into micro-batches and processes. Returns the global (loss sum,
-    masked count). Each token weighs 1 / (global count): the loss never grows with the number of
-    micro-batches, and the factor `world` undoes DDP's averaging of gradients over processes."""
-    n_masked = torch.stack([(labels != -100).sum() for *_, labels in micro_batches]).sum().float()
-    if world > 1:
-        dist.all_reduce(n_masked)
-    loss_sum = torch.zeros((), device=n_masked.device)
-    for i, (ids, cu_seqlens, labels) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce once, at the end
-            with autocast():
-                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)  # logits of masked tokens only
-            loss = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
-            (loss * world / n_masked).backward()
-        loss_sum += loss.detach()
-    if world > 1:
-        dist.all_reduce(loss_sum)
-    return loss_sum, n_masked
-
-
-# ----------------------------------------------------------------------------- main
-
-COMMON = dict(weight_decay=1e-5, dropout=0.1, mask_rate=0.3, seed=1337)  # every preset's
-
+# ----------------------------------------------------------------------------- the command line
 
 def get_args(argv):
     p = argparse.ArgumentParser(description="ModernBERT's three-phase MLM pretraining. Run --phase 1, 2, 3 in turn.")
@@ -414,13 +772,13 @@ def get_args(argv):
     p.add_argument("--data", default="data/stdlib", help="prepare.py's output directory (default: %(default)s)")
     p.add_argument("--out", default="out", help="run directory; phase N writes OUT/phaseN (default: %(default)s)")
     p.add_argument("--preset", choices=TRAIN_PRESETS, default="laptop",
-                   help="phase-1 defaults: laptop (CPU, minutes), base-24gb / large-24gb (the paper's shapes "
+                   help="phase-1 recipe: laptop (CPU, minutes), base-24gb / large-24gb (the paper's shapes "
                         "on one 24 GB GPU) (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue this phase from its ckpt.pt, exactly")
     p.add_argument("--overwrite", action="store_true", help="start this phase over even if its ckpt.pt exists")
     p.add_argument("--init_from", metavar="CKPT", help="phase 1: start from a smaller model's ckpt.pt, tiled up")
     g = p.add_argument_group("model (phase 1 only; later phases continue phase 1's model)")
-    g.add_argument("--model", choices=["tiny", "small", "base", "large"], help="modernbert.py preset (default: --preset's)")
+    g.add_argument("--model", choices=PRESETS, help="modernbert.py's model preset (default: --preset's)")
     for key in MODEL_KEYS:
         g.add_argument(f"--{key}", type=int, help=f"override the preset's {key}")
     g = p.add_argument_group("run settings (default: --preset's in phase 1, derived from the previous phase in 2 and 3)")
@@ -433,10 +791,10 @@ def get_args(argv):
     g.add_argument("--min_batch_size", type=int, help="phase 1: batch-size warmup starts here")
     g.add_argument("--batch_warmup_tokens", type=count, help="phase 1: tokens over which the batch grows")
     g.add_argument("--micro_batch", type=int, help="sequences per forward pass and process")
-    g.add_argument("--weight_decay", type=float, help=f"decoupled weight decay (default {COMMON['weight_decay']})")
-    g.add_argument("--dropout", type=float, help=f"attention-output dropout (default {COMMON['dropout']})")
-    g.add_argument("--mask_rate", type=float, help=f"share of tokens masked in training (default {COMMON['mask_rate']})")
-    g.add_argument("--seed", type=int, help=f"seed of init, data order, masks and dropout (default {COMMON['seed']})")
+    g.add_argument("--weight_decay", type=float, help=f"decoupled weight decay (default {EVERY_PRESET['weight_decay']})")
+    g.add_argument("--dropout", type=float, help=f"attention-output dropout (default {EVERY_PRESET['dropout']})")
+    g.add_argument("--mask_rate", type=float, help=f"share of tokens masked in training (default {EVERY_PRESET['mask_rate']})")
+    g.add_argument("--seed", type=int, help=f"seed of init, data order, masks and dropout (default {EVERY_PRESET['seed']})")
     g = p.add_argument_group("running")
     g.add_argument("--eval_every", type=int, default=200, help="steps between evals (default: %(default)s)")
     g.add_argument("--eval_tokens", type=count, default=65536, help="size of the fixed eval set (default: %(default)s)")
@@ -448,240 +806,6 @@ def get_args(argv):
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the MLPs; auto: on for CUDA, not on Windows (default: %(default)s)")
     return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = get_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(args.device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        return train(args, device, rank, world)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def train(args, device, rank, world):
-    master, phase = rank == 0, args.phase
-    if not os.path.exists(os.path.join(args.data, "meta.json")):
-        fail(f"no prepared data in {args.data}/ (meta.json missing): run `python prepare.py"
-             + ("" if args.data == "data/stdlib" else f" --out {args.data}") + "` first")
-    meta = load_meta(args.data)
-    where = ("" if args.data == "data/stdlib" else f" --data {args.data}") + ("" if args.out == "out" else f" --out {args.out}")
-    command = lambda n, extra="": f"python train.py --phase {n}{where}{extra}"
-    phase_dir = os.path.join(args.out, f"phase{phase}")
-    ckpt_path = os.path.join(phase_dir, "ckpt.pt")
-
-    # ---- where this phase starts: its own checkpoint, the previous phase's, or nothing
-    resumed = previous = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: {ckpt_path} does not exist: start the phase with `{command(phase)}`")
-        resumed = load_checkpoint(ckpt_path)
-    elif os.path.exists(ckpt_path) and not args.overwrite:
-        fail(f"{ckpt_path} exists: continue it with --resume, or start the phase over with --overwrite")
-    elif phase > 1:
-        prev_path = os.path.join(args.out, f"phase{phase - 1}", "ckpt.pt")
-        if not os.path.exists(prev_path):
-            fail(f"phase {phase} starts from {prev_path}, which does not exist: run `{command(phase - 1)}` first")
-        previous = load_checkpoint(prev_path)
-        if not previous.get("finished"):
-            fail(f"phase {phase - 1} is unfinished ({prev_path} is at {previous['tokens']:,} of "
-                 f"{previous['run']['tokens']:,} tokens): run `{command(phase - 1, ' --resume')}` first")
-    source = resumed or previous
-    source_path = ckpt_path if resumed else prev_path if previous else None
-    if args.init_from and (phase != 1 or resumed):
-        fail("--init_from starts a fresh phase 1 from a smaller model; later phases start from the previous one")
-    small = load_checkpoint(args.init_from) if args.init_from else None
-    for ckpt, path in [(c, p) for c, p in ((source, source_path), (small, args.init_from)) if c]:
-        for key in ["vocab_size"] + sorted(k for k in ckpt["meta"] if k.endswith("_id")):
-            if ckpt["meta"][key] != meta.get(key):  # ids must mean the same tokens
-                fail(f"{path} was trained on data with {key}={ckpt['meta'][key]}, {args.data} has {meta.get(key)}")
-
-    # ---- settings: the preset's or the previous phase's, then explicit flags
-    if resumed:
-        settings = dict(resumed["run"])
-    elif previous:
-        settings = derived_settings(phase, previous["run"])
-    else:
-        settings = {**COMMON, **{k: v for k, v in TRAIN_PRESETS[args.preset].items() if k in RUN_KEYS}}
-    for key in RUN_KEYS:
-        value = getattr(args, key)
-        if value is not None and resumed and value != settings[key]:
-            fail(f"--{key} {value} differs from {settings[key]} in {ckpt_path}: --resume continues a run with its own settings")
-        settings[key] = settings[key] if value is None else value
-    s = settings
-    step_size = s["micro_batch"] * world  # the batch grows one micro-batch per process at a time
-    if s["batch_size"] % world or s["min_batch_size"] % world or (s["batch_size"] - s["min_batch_size"]) % step_size:
-        fail(f"batch sizes {s['min_batch_size']} -> {s['batch_size']} must be multiples of the {world} processes "
-             f"and differ by a multiple of micro_batch x processes = {step_size}")
-
-    # ---- the model
-    overrides = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
-    if source:  # the model continues; flags may only repeat its shape
-        config = Config(**source["config"])
-        requested = {**(asdict(config_for(args.model)) if args.model else {}), **overrides}
-        for key in MODEL_KEYS:
-            if key in requested and requested[key] != getattr(config, key):
-                fail(f"the model in {source_path} has {key} {getattr(config, key)}, the flags ask for "
-                     f"{requested[key]}: phase {phase} continues that model")
-    else:  # the preset's model (and its shape overrides, unless --model names another), then flags
-        preset = TRAIN_PRESETS[args.preset]
-        shape = {} if args.model else {k: v for k, v in preset.items() if k in MODEL_KEYS}
-        config = config_for(args.model or preset["model"], vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
-                            cls_id=meta["cls_id"], sep_id=meta["sep_id"], **{**shape, **overrides})
-    config.global_theta = 10_000.0 if phase == 1 else 160_000.0  # local layers stay at 10k
-    config.max_seq_len, config.attn_out_dropout = s["seq_len"], s["dropout"]
-    torch.manual_seed(s["seed"])
-    model = ModernBERT(config)
-    if small:
-        try:
-            model.load_state_dict(tile_state_dict(small["model"], Config(**small["config"]), model))
-        except ValueError as e:
-            fail(f"--init_from {args.init_from}: {e}")
-    if source:
-        try:
-            model.load_state_dict(source["model"])
-        except RuntimeError as e:
-            fail(f"{source_path} does not fit the model: {e}")
-    model.to(device)
-    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
-    if source:
-        optimizer.load_state_dict(source["optimizer"])  # phases 2 and 3 keep Adam's moments
-    optimizer.param_groups[0]["weight_decay"] = s["weight_decay"]
-    for group in optimizer.param_groups:
-        group["max_lr"] = s["lr"]
-    step, tokens, position = (resumed["step"], resumed["tokens"], resumed["position"]) if resumed else (0, 0, [0, 0])
-
-    # ---- data, speed, logging
-    data = TrainData(args.data, meta, s["seq_len"], s["seed"], phase, s["mask_rate"])
-    evals = eval_batches(args.data, meta, s["seq_len"], args.eval_tokens, s["micro_batch"], rank, world, device)
-    bf16, peak, use_compile = speed_setup(device, args.dtype, args.compile)
-    if use_compile:  # the MLPs: most of the FLOPs, and static enough to compile once (dynamic token count)
-        for block in model.layers:
-            block.mlp.compile(dynamic=True)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    autocast = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
-    lengths = np.array([n for _, n in data.pieces], dtype=np.float64)
-    flops = model.flops_per_token((lengths ** 2).sum() / lengths.sum(), s["mask_rate"])  # attention by real doc length
-    if master:
-        os.makedirs(phase_dir, exist_ok=True)
-        if os.path.exists(os.path.join(args.data, "tokenizer.json")):
-            shutil.copy(os.path.join(args.data, "tokenizer.json"), os.path.join(phase_dir, "tokenizer.json"))
-        log = open(os.path.join(phase_dir, "log.jsonl"), "a" if resumed else "w")
-        c = config
-        origin = f"; from {source_path}" + (f" at step {step}" if resumed else "") if source else ""
-        print(f"phase {phase}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({c.n_layers} layers, "
-              f"d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} heads), RoPE theta global {c.global_theta:g} / local "
-              f"{c.local_theta:g}; {device}, {'bf16 autocast' if bf16 else 'fp32'}, attention {model.attention_backend}, "
-              f"compile {'on' if use_compile else 'off'}, {world} process(es){origin}")
-        print(f"data {args.data}: {len(data.rows):,} rows of {s['seq_len']} tokens, packing efficiency "
-              f"{data.efficiency:.2%}; eval on {args.eval_tokens:,} val tokens, 15% masked")
-        shape = {1: f"after {s['warmup_tokens']:,} warmup tokens", 2: "constant",
-                 3: f"decaying as 1 - sqrt to {DECAY_FLOOR * s['lr']:g}"}[phase]
-        batch = (f"{s['min_batch_size']} -> {s['batch_size']} sequences over {s['batch_warmup_tokens']:,} tokens"
-                 if s["min_batch_size"] < s["batch_size"] else f"{s['batch_size']} sequences")
-        peak_note = f"MFU against {peak / 1e12:.3g} TFLOP/s{' (measured matmul)' if device == 'cpu' else ''}" if peak else "MFU n/a"
-        print(f"schedule: {s['tokens']:,} tokens, peak LR {s['lr']:g} {shape}; batch {batch}, "
-              f"micro-batch {s['micro_batch']}; {peak_note}")
-
-    def record(**fields):
-        if master:
-            log.write(json.dumps({"phase": phase, **fields}) + "\n")
-            log.flush()
-
-    record(event="resume" if resumed else "start", step=step, tokens=tokens, settings=s, config=asdict(config),
-           packing_efficiency=data.efficiency, device=device, bf16=bf16, processes=world)
-
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        sums = torch.zeros(3, device=device)  # loss, correct, count (float32: MPS has no float64)
-        for ids, cu_seqlens, labels in evals:
-            with autocast():
-                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)
-            target = labels[labels != -100]
-            sums += torch.stack([F.cross_entropy(logits.float(), target, reduction="sum"),
-                                 (logits.argmax(-1) == target).sum().float(), torch.tensor(len(target), device=device).float()])
-        if world > 1:
-            dist.all_reduce(sums)
-        model.train()
-        loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-        record(step=step, tokens=tokens, val_loss=loss, val_acc=acc)
-        if master:
-            tqdm.write(f"phase {phase} step {step} ({tokens:,} tokens): val loss {loss:.4f}, val acc {acc:.2%}")
-        return loss, acc
-
-    def checkpoint(finished=False):
-        # No generator states to save: masks and dropout are seeded from (seed, phase, step or row).
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            fail(f"the weights hold NaN/inf at step {step}; nothing saved, the last good checkpoint is intact")
-        if master:
-            save_checkpoint(ckpt_path, {"config": asdict(model.config), "model": model.state_dict(), "meta": meta,
-                                        "phase": phase, "run": settings, "optimizer": optimizer.state_dict(),
-                                        "step": step, "tokens": tokens, "position": position, "finished": finished})
-        if world > 1:
-            dist.barrier()
-
-    # ---- the loop
-    model.train()
-    bar = tqdm(total=s["tokens"], initial=min(tokens, s["tokens"]), unit="tok", unit_scale=True,
-               desc=f"phase {phase}", disable=not master, dynamic_ncols=True)
-    # The starting point of a model that did not start from scratch: phases 2 and 3 show what the
-    # longer rows and the new theta do before any training; --init_from shows the tiled model.
-    last_eval = (step, evaluate()) if (previous or args.init_from) and not resumed else None
-    try:
-        while tokens < s["tokens"] and (args.max_steps is None or step < args.max_steps):
-            start = time.perf_counter()
-            batch_size = batch_size_at(tokens, s["min_batch_size"], s["batch_size"], step_size, s["batch_warmup_tokens"])
-            keys, position = data.take(position, batch_size)
-            step_tokens = sum(n for _, i in keys for _, n in data.rows[i])
-            lr = lr_at(phase, tokens + step_tokens, s["lr"], s["warmup_tokens"], s["tokens"])
-            mine = keys[rank::world]  # this process's share of the global batch
-            micro_batches = [data.batch(mine[i:i + s["micro_batch"]], device) for i in range(0, len(mine), s["micro_batch"])]
-            torch.manual_seed(int(np.random.SeedSequence([s["seed"], phase, step, rank]).generate_state(1)[0]))
-            loss_sum, n_masked = forward_backward(train_model, micro_batches, world, autocast)
-            train_loss = (loss_sum / n_masked).item()
-            if not math.isfinite(train_loss):
-                fail(f"loss is {train_loss} at step {step + 1}; stopped before the update, the last good checkpoint "
-                     f"({ckpt_path if os.path.exists(ckpt_path) else 'none yet'}) is intact. Try a lower --lr")
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, tokens = step + 1, tokens + step_tokens
-            tokens_per_s = step_tokens / (time.perf_counter() - start)
-            mfu = tokens_per_s * flops / (peak * world) if peak else None
-            bar.update(step_tokens)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch_size, tok_s=f"{tokens_per_s:,.0f}",
-                            mfu="n/a" if mfu is None else f"{mfu:.1%}")
-            record(step=step, tokens=tokens, loss=train_loss, lr=lr, batch_size=batch_size,
-                   tokens_per_s=tokens_per_s, mfu=mfu)
-            if step % args.eval_every == 0:
-                last_eval = (step, evaluate())
-            if step % args.ckpt_every == 0:
-                checkpoint()
-    except KeyboardInterrupt:
-        saved = f"{ckpt_path} is intact: continue with `{command(phase, ' --resume')}`" if os.path.exists(ckpt_path) else "no checkpoint written yet"
-        fail(f"interrupted at step {step}; {saved}")
-    bar.close()
-    finished = tokens >= s["tokens"]
-    val_loss, val_acc = last_eval[1] if last_eval and last_eval[0] == step else evaluate()
-    if finished and master:
-        export_hf(model, phase_dir, os.path.join(args.data, "tokenizer.json"))
-    checkpoint(finished)  # last, so a finished checkpoint implies the export is there too
-    if master:
-        print(f"phase {phase} {'done' if finished else 'stopped'}: step {step}, {tokens:,} tokens, val loss "
-              f"{val_loss:.4f}, val acc {val_acc:.2%}; {ckpt_path}" + (f", {phase_dir}/hf" if finished else
-              f"; continue with `{command(phase, ' --resume')}`"))
-        log.close()
-    return {"step": step, "tokens": tokens, "val_loss": val_loss, "val_acc": val_acc, "finished": finished}
 
 
 if __name__ == "__main__":
