@@ -30,14 +30,15 @@ import time
 
 import torch
 
-from modernbert import ModernBERT, config_for
+from modernbert import PRESETS, ModernBERT, config_for, cu_seqlens_of
+from train import matmul_flops, pick_device
 
 WORKLOADS = ["short_fixed", "short_var", "long_fixed", "long_var", "train"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="base", help="model shape: base or large")
+    p.add_argument("--model", choices=PRESETS, default="base", help="modernbert.py's model preset (default: base)")
     p.add_argument("--layers", type=int, default=6, help="depth (base has 22); 6 keeps 1 global in 3")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--short_batch", type=int, default=16, help="sequences per short batch")
@@ -57,16 +58,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def pick_dtype(name, device):
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -78,6 +69,10 @@ def sync(device):
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def fail(message):
+    raise SystemExit(f"bench.py: error: {message}")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -112,7 +107,7 @@ def build_models(args, device, dtype, hf_dir, names=None):
     from transformers import ModernBertForMaskedLM
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         torch.manual_seed(args.seed)
-        config = config_for(args.preset, n_layers=args.layers, max_seq_len=max(args.long_len, args.short_len))
+        config = config_for(args.model, n_layers=args.layers, max_seq_len=max(args.long_len, args.short_len))
         ModernBERT(config).save_pretrained(hf_dir)
     names = names or ["ours", "hf_sdpa"] + (["hf_flash_attention_2"] if device.type == "cuda" and flash_available() else [])
     models = {}
@@ -142,7 +137,7 @@ def train_fn(name, model, ids, mask, labels):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     if name == "ours":
         stream, stream_labels = ids[mask], labels[mask]
-        cu = torch.nn.functional.pad(mask.sum(-1).cumsum(0), (1, 0)).int()
+        cu = cu_seqlens_of(mask.sum(-1))
         forward = lambda: model(stream, cu_seqlens=cu, labels=stream_labels)[1]
     else:
         forward = lambda: model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
@@ -167,7 +162,7 @@ def check_same_logits(models, ids, mask, dtype):
                 diff = (ours - theirs)[mask].float().abs().max() / scale
                 limit = 1e-4 if dtype == torch.float32 else 3e-2
                 if not diff <= limit:
-                    sys.exit(f"bench.py: error: {name} and ours disagree: max relative logit difference {diff:.2e}")
+                    fail(f"{name} and ours disagree: max relative logit difference {diff:.2e}")
 
 
 # ----------------------------------------------------------------------------- timing and memory
@@ -219,7 +214,7 @@ def peak_memory_mib(fn, device):
 def memory_probe(args):
     """Runs in a fresh process so that one measurement's caches cannot hide in another's peak."""
     impl, workload, hf_dir = args._memory_probe
-    device = pick_device(args.device)
+    device = torch.device(pick_device(args.device))
     dtype = pick_dtype(args.dtype, device)
     model = build_models(args, device, dtype, hf_dir, names=[impl])[impl]
     ids, mask, labels = make_batch(workload, args, model.config.vocab_size, device)
@@ -236,21 +231,14 @@ def memory_probe(args):
 
 def measure_memory(args, impl, workload, hf_dir):
     argv = [sys.executable, __file__, "--_memory_probe", impl, workload, hf_dir]
-    for key in ["preset", "layers", "short_batch", "long_batch", "train_batch", "short_len", "long_len", "device", "dtype", "seed", "threads"]:
+    for key in ["model", "layers", "short_batch", "long_batch", "train_batch", "short_len", "long_len", "device", "dtype", "seed", "threads"]:
         if getattr(args, key) is not None:
             argv += [f"--{key}", str(getattr(args, key))]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # big tensors: mmap'd, unmapped when freed
     out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode:
-        sys.exit(f"bench.py: error: memory probe failed:\n{out.stderr[-2000:]}")
+        fail(f"memory probe failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def matmul_peak(device, dtype, n=2048, repeat=5):
-    """FLOP/s of one large square matmul: the ceiling for this device and dtype."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    seconds = time_median({"matmul": lambda: a @ b}, device, warmup=2, repeat=repeat)["matmul"]
-    return 2 * n ** 3 / seconds
 
 
 # ----------------------------------------------------------------------------- main
@@ -261,19 +249,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args._memory_probe:
         return memory_probe(args)
-    device = pick_device(args.device)
+    device = torch.device(pick_device(args.device))
     dtype = pick_dtype(args.dtype, device)
     workloads = args.workloads.split(",")
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
-        sys.exit(f"bench.py: error: unknown workload(s) {sorted(unknown)}; choose from {WORKLOADS}")
+        fail(f"unknown workload(s) {sorted(unknown)}; choose from {WORKLOADS}")
     hf_dir = tempfile.mkdtemp(prefix="bench_modernbert_")
     models = build_models(args, device, dtype, hf_dir)
     ours = models["ours"]
-    print(f"device {device}, dtype {str(dtype).split('.')[-1]}, {args.preset} width with {args.layers} layers, "
+    print(f"device {device}, dtype {str(dtype).split('.')[-1]}, {args.model} width with {args.layers} layers, "
           f"our attention backend: {ours.attention_backend}, torch {torch.__version__}, threads {torch.get_num_threads()}",
           file=sys.stderr)
-    peak = matmul_peak(device, dtype)
+    peak = matmul_flops(dtype, device, n=2048)  # the fastest of repeated large matmuls
     results = []
     for workload in workloads:
         ids, mask, labels = make_batch(workload, args, ours.config.vocab_size, device)
@@ -299,7 +287,7 @@ def main(argv=None):
             row["matmul_peak_tflops"] = peak / 1e12
         results.append(row)
     if args.json:
-        print(json.dumps({"device": str(device), "dtype": str(dtype), "preset": args.preset, "layers": args.layers,
+        print(json.dumps({"device": str(device), "dtype": str(dtype), "model": args.model, "layers": args.layers,
                           "results": results}, indent=2))
     else:
         print_table(results, models)

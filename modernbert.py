@@ -66,6 +66,7 @@ PRESETS = {
     "large": Config(n_layers=28, d_model=1024, n_heads=16, d_ff=2624),
     # Laptop scale: the same architecture, narrow and shallow enough to train on a CPU.
     "small": Config(n_layers=6, d_model=256, n_heads=4, d_ff=512, max_seq_len=1024),
+    "mini": Config(n_layers=4, d_model=256, n_heads=4, d_ff=512, max_seq_len=1024),  # train.py's default
     "tiny": Config(n_layers=3, d_model=64, n_heads=4, d_ff=96, window=16, max_seq_len=512),
 }
 

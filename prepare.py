@@ -32,6 +32,11 @@ SPECIAL_TOKENS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]
 DEFAULT_OUT = "data/stdlib"
 
 
+def fail(message):
+    """Bad input: one line `prepare.py: error: ...`, exit status 1, nothing written."""
+    raise SystemExit(f"prepare.py: error: {message}")
+
+
 # ----------------------------------------------------------------------------- finding files
 
 def stdlib_files():
@@ -51,7 +56,7 @@ def input_files(inputs):
     for arg in inputs:
         matches = glob.glob(arg, recursive=True) if glob.has_magic(arg) else [arg]
         if not matches:
-            sys.exit(f"prepare.py: error: no file or directory matches {arg!r}")
+            fail(f"no file or directory matches {arg!r}")
         for m in map(Path, matches):
             if m.is_dir():
                 files.update(p for p in m.rglob("*") if p.is_file()
@@ -59,7 +64,7 @@ def input_files(inputs):
             elif m.is_file():
                 files.add(m)
             else:
-                sys.exit(f"prepare.py: error: no such file or directory: {str(m)!r}")
+                fail(f"no such file or directory: {str(m)!r}")
     return sorted(files)
 
 
@@ -83,7 +88,7 @@ def read_documents(files):
 
 # ----------------------------------------------------------------------------- splitting
 
-def split_documents(docs, val_fraction, val_chars, seed):
+def split_train_val(docs, val_fraction, val_chars, seed):
     """Whole documents go to val, in a seeded random order, until val holds
     min(val_fraction of the corpus, val_chars) characters. Both splits keep file order."""
     target = min(val_fraction * sum(map(len, docs)), val_chars)
@@ -138,11 +143,11 @@ def load_tokenizer(path):
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for a missing or broken file
-        sys.exit(f"prepare.py: error: cannot load tokenizer {str(path)!r}: {e}")
+        fail(f"cannot load tokenizer {str(path)!r}: {e}")
     try:
         check_tokenizer(tok)
     except ValueError as e:
-        sys.exit(f"prepare.py: error: {path}: {e}")
+        fail(f"{path}: {e}")
     return tok
 
 
@@ -245,13 +250,13 @@ def main(argv=None):
         files, source = stdlib_files()
     looked_at = f"{len(files)} files from {source}"
     if not files:
-        sys.exit(f"prepare.py: error: no input files in {source}")
+        fail(f"no input files in {source}")
     docs, skipped = read_documents(files)
     if len(docs) < 2:
-        sys.exit(f"prepare.py: error: need at least 2 non-empty UTF-8 documents to split into train "
+        fail(f"need at least 2 non-empty UTF-8 documents to split into train "
                  f"and val, found {len(docs)} in {looked_at} ({skipped['empty']} empty, "
                  f"{skipped['undecodable']} undecodable)")
-    train_docs, val_docs = split_documents(docs, args.val_fraction, args.val_chars, args.seed)
+    train_docs, val_docs = split_train_val(docs, args.val_fraction, args.val_chars, args.seed)
 
     tok = tok or train_tokenizer(train_docs, args.vocab_size)
     special_ids = check_tokenizer(tok)

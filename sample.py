@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from modernbert import Config, ModernBERT
+from modernbert import Config, ModernBERT, cu_seqlens_of
+from train import load_checkpoint, pick_device
 
 DEFAULT_RUN_DIR = "out"
 # For the default corpus, Python's standard library. Each [MASK] hides one token of the stdlib
@@ -45,8 +46,10 @@ DEFAULT_EMBED_TEXTS = [
 ]
 
 
-class SampleError(Exception):
-    """Bad input. main() prints the message and exits non-zero, without a traceback."""
+def fail(message):
+    """Bad input: one line `sample.py: error: ...`, exit status 1, no traceback. (The loaders,
+    which other scripts share, raise ValueError instead; main() reports it the same way.)"""
+    raise SystemExit(f"sample.py: error: {message}")
 
 
 def token_text(tokenizer, token_id):
@@ -60,18 +63,10 @@ def describe(i, text):
 
 # ----------------------------------------------------------------------------- loading
 
-def pick_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def newest_checkpoint(run_dir):
     ckpts = glob.glob(os.path.join(run_dir, "phase*", "ckpt.pt"))
     if not ckpts:
-        raise SampleError(f"no checkpoint in {run_dir}/phase*/ckpt.pt: run `python train.py --phase 1` "
+        raise ValueError(f"no checkpoint in {run_dir}/phase*/ckpt.pt: run `python train.py --phase 1` "
                           "first, or pass --init_from")
     return max(ckpts, key=os.path.getmtime)
 
@@ -81,7 +76,7 @@ def find_model(path=None):
     if path is None:
         return newest_checkpoint(DEFAULT_RUN_DIR)
     if not os.path.exists(path):
-        raise SampleError(f"checkpoint {path!r} does not exist")
+        raise ValueError(f"checkpoint {path!r} does not exist")
     if not os.path.isdir(path):
         return path
     if os.path.isfile(os.path.join(path, "ckpt.pt")):
@@ -90,46 +85,25 @@ def find_model(path=None):
         return path
     if glob.glob(os.path.join(path, "phase*", "ckpt.pt")):
         return newest_checkpoint(path)
-    raise SampleError(f"{path!r} is not a model: expected a ckpt.pt, a directory holding one, or a Hugging "
+    raise ValueError(f"{path!r} is not a model: expected a ckpt.pt, a directory holding one, or a Hugging "
                       "Face directory with config.json, model.safetensors and tokenizer.json")
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle, zip and torch each raise their own kind for a foreign file
-        raise SampleError(f"{path!r} is not a model checkpoint ({type(e).__name__}: {e})")
-    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
-        raise SampleError(f"{path!r} is not a model checkpoint: no 'config' and 'model' entries")
-    # A state dict saved from torch.compile or DDP has its names under "_orig_mod." / "module.".
-    state = {}
-    for name, tensor in ckpt["model"].items():
-        while name.startswith(("_orig_mod.", "module.")):
-            name = name.split(".", 1)[1]
-        state[name] = tensor
-    try:
-        model = ModernBERT(Config(**ckpt["config"]))
-        model.load_state_dict(state)
-    except (TypeError, RuntimeError) as e:
-        raise SampleError(f"{path!r} does not fit this modernbert.py: {e}")
-    return model
 
 
 def load_tokenizer(path, vocab_size):
     if not os.path.isfile(path):
-        raise SampleError(f"no tokenizer.json beside the model: {path!r} is missing")
+        raise ValueError(f"no tokenizer.json beside the model: {path!r} is missing")
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception as e:  # the library raises a bare Exception for a broken file
-        raise SampleError(f"cannot read tokenizer {path!r}: {e}")
+        raise ValueError(f"cannot read tokenizer {path!r}: {e}")
     tokenizer.no_truncation()  # a tokenizer.json may carry its own truncation or padding settings
     tokenizer.no_padding()
     ids = {name: tokenizer.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
     if ids["cls"] is None or ids["sep"] is None:
-        raise SampleError(f"tokenizer {path!r} has no [CLS] or [SEP] token, which every text starts and ends with")
+        raise ValueError(f"tokenizer {path!r} has no [CLS] or [SEP] token, which every text starts and ends with")
     largest = max(tokenizer.get_vocab(with_added_tokens=True).values())
     if largest >= vocab_size:
-        raise SampleError(f"tokenizer {path!r} has ids up to {largest}, but the model's vocabulary ends at "
+        raise ValueError(f"tokenizer {path!r} has ids up to {largest}, but the model's vocabulary ends at "
                           f"{vocab_size - 1}: they do not belong together")
     return tokenizer, ids
 
@@ -142,13 +116,18 @@ def load_model(path=None, device=None):
         try:
             model = ModernBERT.from_pretrained(path)
         except Exception as e:  # missing files, foreign configs and tensors: all mean "not a model"
-            raise SampleError(f"{path!r} is not a ModernBERT model ({type(e).__name__}: {e})")
+            raise ValueError(f"{path!r} is not a ModernBERT model ({type(e).__name__}: {e})")
         tokenizer_path = os.path.join(path, "tokenizer.json")
     else:
-        model = load_checkpoint(path)
+        ckpt = load_checkpoint(path)  # train.py's reader: tensors and plain containers only
+        try:
+            model = ModernBERT(Config(**ckpt["config"]))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(f"{path!r} does not fit this modernbert.py: {e}")
         tokenizer_path = os.path.join(os.path.dirname(path), "tokenizer.json")
     tokenizer, ids = load_tokenizer(tokenizer_path, model.config.vocab_size)
-    return model.to(device or pick_device()).eval(), tokenizer, ids
+    return model.to(pick_device(device or "auto")).eval(), tokenizer, ids
 
 
 # ----------------------------------------------------------------------------- running the model
@@ -157,7 +136,7 @@ def encode(tokenizer, texts):
     """Token ids of each text as [CLS] ... [SEP], the layout the model was trained on."""
     for i, text in enumerate(texts, 1):
         if not text.strip():
-            raise SampleError(f"prompt {i} is empty")
+            fail(f"prompt {i} is empty")
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     seqs = [e.ids for e in tokenizer.encode_batch(texts)]
     # Our tokenizer and the released one both wrap a text; one without that post-processor does not.
@@ -168,7 +147,7 @@ def fit(seqs, texts, context, truncate, sep):
     """Checks every sequence against the model's context; --truncate keeps the start of a long one."""
     for i, (ids, text) in enumerate(zip(seqs, texts), 1):
         if len(ids) > context and not truncate:
-            raise SampleError(f"{describe(i, text)} is {len(ids)} tokens, longer than the model's context "
+            fail(f"{describe(i, text)} is {len(ids)} tokens, longer than the model's context "
                               f"of {context}; pass --truncate to keep its first {context} tokens")
     return [ids if len(ids) <= context else ids[:context - 1] + [sep] for ids in seqs]
 
@@ -190,10 +169,9 @@ def hidden_states(model, seqs):
     """Final hidden states of each sequence, from one forward over the sequences packed back to
     back: no padding, and cu_seqlens keeps each one from attending to the others."""
     device = model.tok_embeddings.weight.device
-    lengths = torch.tensor([len(s) for s in seqs])
+    lengths = [len(s) for s in seqs]
     tokens = torch.tensor([t for s in seqs for t in s], device=device)
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(device, torch.int32)
-    return model.encode(tokens, cu_seqlens=cu_seqlens).split(lengths.tolist())
+    return model.encode(tokens, cu_seqlens=cu_seqlens_of(lengths, device)).split(lengths)
 
 
 @torch.inference_mode()
@@ -205,15 +183,15 @@ def fill_mask(model, tokenizer, texts, top_k=5, one_by_one=False, truncate=False
     and the prompt runs again, until none is left; "top" is then from the step that filled it."""
     mask_id = tokenizer.token_to_id("[MASK]")
     if mask_id is None:
-        raise SampleError("the tokenizer has no [MASK] token, so there is nothing to fill (try --embed)")
+        fail("the tokenizer has no [MASK] token, so there is nothing to fill (try --embed)")
     seqs = encode(tokenizer, texts)
     for i, (ids, text) in enumerate(zip(seqs, texts), 1):
         if mask_id not in ids:
-            raise SampleError(f"{describe(i, text)} has no [MASK] to fill")
+            fail(f"{describe(i, text)} has no [MASK] to fill")
     seqs = fit(seqs, texts, model.config.max_seq_len, truncate, tokenizer.token_to_id("[SEP]"))
     for i, (ids, text) in enumerate(zip(seqs, texts), 1):
         if mask_id not in ids:
-            raise SampleError(f"{describe(i, text)}: every [MASK] lies past the {len(ids)} tokens kept by --truncate")
+            fail(f"{describe(i, text)}: every [MASK] lies past the {len(ids)} tokens kept by --truncate")
 
     results = [{"text": text, "ids": ids, "open": [p for p, t in enumerate(ids) if t == mask_id], "masks": []}
                for text, ids in zip(texts, seqs)]
@@ -272,10 +250,10 @@ def read_prompts(args):
                 with open(args.file, encoding="utf-8") as f:
                     lines = f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise SampleError(f"cannot read --file {args.file!r}: {e}")
+            fail(f"cannot read --file {args.file!r}: {e}")
         prompts = [line for line in lines if line.strip()]  # blank lines separate, they are not prompts
         if not prompts:
-            raise SampleError(f"--file {args.file!r} holds no prompts")
+            fail(f"--file {args.file!r} holds no prompts")
         texts += prompts
     return texts
 
@@ -308,23 +286,22 @@ def main(argv=None):
     if args.embed and args.one_by_one:
         parser.error("--one_by_one fills masks; it does not go with --embed")
 
+    texts = read_prompts(args) or (DEFAULT_EMBED_TEXTS if args.embed else DEFAULT_PROMPTS)
     try:
-        texts = read_prompts(args) or (DEFAULT_EMBED_TEXTS if args.embed else DEFAULT_PROMPTS)
         path = find_model(args.init_from)
         model, tokenizer, ids = load_model(path, args.device)
-        c = model.config
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{path}: {c.n_layers} layers, d_model {c.d_model}, {n_params / 1e6:.1f}M parameters, context "
-              f"{c.max_seq_len}; {model.tok_embeddings.weight.device.type}, {model.attention_backend} attention\n")
-        if args.embed:
-            embeddings = embed(model, tokenizer, texts, args.pool, args.truncate, args.batch_tokens)
-        else:
-            if ids["mask"] is None:  # before the prompts, whose own errors would otherwise come first
-                raise SampleError(f"the tokenizer of {path!r} has no [MASK] token, so there is nothing to fill "
-                                  "(try --embed)")
-            results = fill_mask(model, tokenizer, texts, args.top_k, args.one_by_one, args.truncate, args.batch_tokens)
-    except SampleError as e:
-        sys.exit(f"sample.py: error: {e}")
+    except ValueError as e:
+        fail(e)
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{path}: {c.n_layers} layers, d_model {c.d_model}, {n_params / 1e6:.1f}M parameters, context "
+          f"{c.max_seq_len}; {model.tok_embeddings.weight.device.type}, {model.attention_backend} attention\n")
+    if args.embed:
+        embeddings = embed(model, tokenizer, texts, args.pool, args.truncate, args.batch_tokens)
+    else:
+        if ids["mask"] is None:  # before the prompts, whose own errors would otherwise come first
+            fail(f"the tokenizer of {path!r} has no [MASK] token, so there is nothing to fill (try --embed)")
+        results = fill_mask(model, tokenizer, texts, args.top_k, args.one_by_one, args.truncate, args.batch_tokens)
 
     if args.embed:
         print(f"{args.pool}-pooled embeddings, {embeddings.shape[1]} dimensions:")

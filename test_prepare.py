@@ -108,16 +108,16 @@ def test_glob_input_and_val_size(corpus, tmp_path):
     assert meta["splits"]["val"]["chars"] >= 0.2 * chars  # whole documents until the target is met
 
 
-def test_split_documents_is_seeded_and_keeps_train_nonempty():
+def test_split_train_val_is_seeded_and_keeps_train_nonempty():
     docs = [f"doc {i} " * (i + 1) for i in range(50)]
-    a = prepare.split_documents(docs, 0.1, 10**9, seed=1)
-    assert a == prepare.split_documents(docs, 0.1, 10**9, seed=1)
-    assert a != prepare.split_documents(docs, 0.1, 10**9, seed=2)
+    a = prepare.split_train_val(docs, 0.1, 10**9, seed=1)
+    assert a == prepare.split_train_val(docs, 0.1, 10**9, seed=1)
+    assert a != prepare.split_train_val(docs, 0.1, 10**9, seed=2)
     assert sorted(a[0] + a[1]) == sorted(docs)
     assert sum(map(len, a[1])) >= 0.1 * sum(map(len, docs))
-    train, val = prepare.split_documents(docs, 0.99, 10**9, seed=1)
+    train, val = prepare.split_train_val(docs, 0.99, 10**9, seed=1)
     assert len(train) == 1 and len(val) == 49
-    train, val = prepare.split_documents(docs, 0.5, 1, seed=1)  # the char cap wins: one document
+    train, val = prepare.split_train_val(docs, 0.5, 1, seed=1)  # the char cap wins: one document
     assert len(val) == 1
 
 
