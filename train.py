@@ -44,10 +44,12 @@ TRAIN_PRESETS = {
                    batch_size=16, min_batch_size=4, batch_warmup_tokens=1_600_000, micro_batch=4),
     # The real shapes on one 24 GB GPU (bf16, flash-attn): the paper's lengths, LRs and warmups
     # at a smaller batch; phase 2 then runs 8192-token rows one per micro-batch.
-    "base-24gb": dict(model="base", seq_len=1024, tokens=2_000_000_000, lr=8e-4, warmup_tokens=30_000_000,
-                      batch_size=512, min_batch_size=64, batch_warmup_tokens=100_000_000, micro_batch=8),
-    "large-24gb": dict(model="large", seq_len=1024, tokens=2_000_000_000, lr=5e-4, warmup_tokens=20_000_000,
-                       batch_size=512, min_batch_size=64, batch_warmup_tokens=100_000_000, micro_batch=4),
+    "base-24gb": dict(model="base", seq_len=1024, tokens=2_000_000_000, lr=8e-4,
+                      warmup_tokens=30_000_000, batch_size=512, min_batch_size=64,
+                      batch_warmup_tokens=100_000_000, micro_batch=8),
+    "large-24gb": dict(model="large", seq_len=1024, tokens=2_000_000_000, lr=5e-4,
+                       warmup_tokens=20_000_000, batch_size=512, min_batch_size=64,
+                       batch_warmup_tokens=100_000_000, micro_batch=4),
 }
 EVERY_PRESET = dict(weight_decay=1e-5, dropout=0.1, mask_rate=0.3, seed=1337)
 RUN_KEYS = ["seq_len", "tokens", "lr", "warmup_tokens", "batch_size", "min_batch_size",
@@ -61,7 +63,8 @@ PHASE2_LR_FACTOR = 3 / 8          # base: 8e-4 in phase 1, 3e-4 in phases 2 and 
 LENGTH_FACTOR = 8                 # context extension: 1024 -> 8192
 DECAY_FLOOR = 0.001               # phase 3 ends at 0.001 x its peak LR
 EVAL_SEED = 1234                  # fixed, so evals compare across steps, runs, phases and --seed
-TRAIN_CKPT_KEYS = {"config", "model", "meta", "phase", "run", "optimizer", "step", "tokens", "position"}
+TRAIN_CKPT_KEYS = {"config", "model", "meta", "phase", "run", "optimizer", "step", "tokens",
+                   "position"}
 
 
 def main(argv=None):
@@ -85,27 +88,30 @@ def train(args, device, rank, world):
     """One phase: where it starts, its settings, the model, the data; then the training loop."""
     phase, master = args.phase, rank == 0
     meta = read_meta(args.data)
-    start = phase_start(args, meta)        # its own checkpoint (--resume), the previous phase's, or none
+    start = phase_start(args, meta)  # its own checkpoint (--resume), the previous phase's, or none
     s = phase_settings(args, start, world)  # s: seq_len, tokens, lr, batch sizes, ... (RUN_KEYS)
     bf16, peak, use_compile = speed_setup(device, args.dtype, args.compile)
     model, optimizer = model_and_optimizer(args, meta, start, s, device)
     data = TrainData(args.data, meta, s["seq_len"], s["seed"], phase, s["mask_rate"])
-    evals = eval_batches(args.data, meta, s["seq_len"], args.eval_tokens, s["micro_batch"], rank, world, device)
-    if use_compile:  # the MLPs: most of the FLOPs, static enough to compile once (dynamic token count)
+    evals = eval_batches(args.data, meta, s["seq_len"], args.eval_tokens, s["micro_batch"],
+                         rank, world, device)
+    if use_compile:  # the MLPs: most FLOPs, static enough to compile once (dynamic token count)
         for block in model.layers:
             block.mlp.compile(dynamic=True)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    autocast = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
-    lengths = np.array([n for _, n in data.pieces], dtype=np.float64)  # attention FLOPs by real doc length
+    autocast = lambda: (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16
+                        else nullcontext())
+    # attention FLOPs by real doc length
+    lengths = np.array([n for _, n in data.pieces], dtype=np.float64)
     flops = model.flops_per_token((lengths ** 2).sum() / lengths.sum(), s["mask_rate"])
     phase_dir = os.path.join(args.out, f"phase{phase}")
     ckpt_path = os.path.join(phase_dir, "ckpt.pt")
     log = open_log(phase_dir, args.data, append=start.resumed) if master else None
     if master:
         print_banner(args, model, s, data, start, device, bf16, peak, use_compile, world)
-    write_log(log, phase, event="resume" if start.resumed else "start", step=start.step, tokens=start.tokens,
-              settings=s, config=asdict(model.config), packing_efficiency=data.efficiency, device=device,
-              bf16=bf16, processes=world)
+    write_log(log, phase, event="resume" if start.resumed else "start", step=start.step,
+              tokens=start.tokens, settings=s, config=asdict(model.config),
+              packing_efficiency=data.efficiency, device=device, bf16=bf16, processes=world)
     ckpt_info = dict(meta=meta, phase=phase, run=s)  # what every checkpoint of this phase holds too
 
     # ---- the loop: batch -> forward/backward -> optimizer step -> log -> eval -> checkpoint
@@ -135,8 +141,9 @@ def train(args, device, rank, world):
             loss_sum, n_masked = forward_backward(train_model, micro_batches, world, autocast)
             train_loss = (loss_sum / n_masked).item()
             if not math.isfinite(train_loss):
-                fail(f"loss is {train_loss} at step {step + 1}; stopped before the update, the last good "
-                     f"checkpoint ({ckpt_path if os.path.exists(ckpt_path) else 'none yet'}) is intact. "
+                fail(f"loss is {train_loss} at step {step + 1}; stopped before the update, the "
+                     "last good checkpoint "
+                     f"({ckpt_path if os.path.exists(ckpt_path) else 'none yet'}) is intact. "
                      "Try a lower --lr")
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -147,16 +154,18 @@ def train(args, device, rank, world):
             tokens_per_s = step_tokens / (time.perf_counter() - t0)
             mfu = tokens_per_s * flops / (peak * world) if peak else None
             bar.update(step_tokens)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch_size, tok_s=f"{tokens_per_s:,.0f}",
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", bs=batch_size,
+                            tok_s=f"{tokens_per_s:,.0f}",
                             mfu="n/a" if mfu is None else f"{mfu:.1%}")
-            write_log(log, phase, step=step, tokens=tokens, loss=train_loss, lr=lr, batch_size=batch_size,
-                      tokens_per_s=tokens_per_s, mfu=mfu)
+            write_log(log, phase, step=step, tokens=tokens, loss=train_loss, lr=lr,
+                      batch_size=batch_size, tokens_per_s=tokens_per_s, mfu=mfu)
             if step % args.eval_every == 0:
                 last_eval = (step, evaluate(model, evals, autocast, world))
                 report_eval(log, phase, step, tokens, *last_eval[1])
             if step % args.ckpt_every == 0:
                 progress = dict(step=step, tokens=tokens, position=position, finished=False)
-                save_training_checkpoint(ckpt_path, model, optimizer, {**ckpt_info, **progress}, world)
+                save_training_checkpoint(ckpt_path, model, optimizer,
+                                         {**ckpt_info, **progress}, world)
     except KeyboardInterrupt:
         saved = (f"{ckpt_path} is intact: continue with `{command(args, phase, ' --resume')}`"
                  if os.path.exists(ckpt_path) else "no checkpoint written yet")
@@ -175,11 +184,13 @@ def train(args, device, rank, world):
     # last, so that a finished checkpoint implies the export is there too
     save_training_checkpoint(ckpt_path, model, optimizer, {**ckpt_info, **progress}, world)
     if master:
-        print(f"phase {phase} {'done' if finished else 'stopped'}: step {step}, {tokens:,} tokens, val loss "
-              f"{val_loss:.4f}, val acc {val_acc:.2%}; {ckpt_path}" + (f", {phase_dir}/hf" if finished else
-              f"; continue with `{command(args, phase, ' --resume')}`"))
+        print(f"phase {phase} {'done' if finished else 'stopped'}: step {step}, {tokens:,} tokens, "
+              f"val loss {val_loss:.4f}, val acc {val_acc:.2%}; {ckpt_path}"
+              + (f", {phase_dir}/hf" if finished else
+                 f"; continue with `{command(args, phase, ' --resume')}`"))
         log.close()
-    return {"step": step, "tokens": tokens, "val_loss": val_loss, "val_acc": val_acc, "finished": finished}
+    return {"step": step, "tokens": tokens, "val_loss": val_loss, "val_acc": val_acc,
+            "finished": finished}
 
 
 # ----------------------------------------------------------------------------- where a phase starts
@@ -207,7 +218,8 @@ class PhaseStart:
         self.source = resumed or previous  # the checkpoint whose model and optimizer continue
         self.continues_a_model = bool(self.source or small)
         self.step, self.tokens, self.position = (
-            (resumed["step"], resumed["tokens"], resumed["position"]) if resumed else (0, 0, [0, 0]))
+            (resumed["step"], resumed["tokens"], resumed["position"]) if resumed
+            else (0, 0, [0, 0]))
 
 
 def phase_start(args, meta):
@@ -216,10 +228,12 @@ def phase_start(args, meta):
     start = PhaseStart()
     if args.resume:
         if not os.path.exists(ckpt_path):
-            fail(f"--resume: {ckpt_path} does not exist: start the phase with `{command(args, phase)}`")
+            fail(f"--resume: {ckpt_path} does not exist: start the phase with "
+                 f"`{command(args, phase)}`")
         start = PhaseStart(resumed=read_training_checkpoint(ckpt_path), path=ckpt_path)
     elif os.path.exists(ckpt_path) and not args.overwrite:
-        fail(f"{ckpt_path} exists: continue it with --resume, or start the phase over with --overwrite")
+        fail(f"{ckpt_path} exists: continue it with --resume, or start the phase over with "
+             "--overwrite")
     elif phase > 1:
         prev_path = os.path.join(args.out, f"phase{phase - 1}", "ckpt.pt")
         if not os.path.exists(prev_path):
@@ -228,10 +242,12 @@ def phase_start(args, meta):
         previous = read_training_checkpoint(prev_path)
         if not previous.get("finished"):
             fail(f"phase {phase - 1} is unfinished ({prev_path} is at {previous['tokens']:,} of "
-                 f"{previous['run']['tokens']:,} tokens): run `{command(args, phase - 1, ' --resume')}` first")
+                 f"{previous['run']['tokens']:,} tokens): run "
+                 f"`{command(args, phase - 1, ' --resume')}` first")
         start = PhaseStart(previous=previous, path=prev_path)
     if args.init_from and (phase != 1 or start.resumed):
-        fail("--init_from starts a fresh phase 1 from a smaller model; later phases start from the previous one")
+        fail("--init_from starts a fresh phase 1 from a smaller model; later phases start from "
+             "the previous one")
     if args.init_from:
         start.small = read_training_checkpoint(args.init_from)
         start.continues_a_model = True
@@ -257,14 +273,15 @@ def phase_settings(args, start, world):
     for key in RUN_KEYS:
         value = getattr(args, key)
         if value is not None and start.resumed and value != settings[key]:
-            fail(f"--{key} {value} differs from {settings[key]} in {start.path}: --resume continues a run "
-                 "with its own settings")
+            fail(f"--{key} {value} differs from {settings[key]} in {start.path}: --resume "
+                 "continues a run with its own settings")
         settings[key] = settings[key] if value is None else value
     s = settings
     step_size = s["micro_batch"] * world
-    if s["batch_size"] % world or s["min_batch_size"] % world or (s["batch_size"] - s["min_batch_size"]) % step_size:
-        fail(f"batch sizes {s['min_batch_size']} -> {s['batch_size']} must be multiples of the {world} "
-             f"processes and differ by a multiple of micro_batch x processes = {step_size}")
+    if (s["batch_size"] % world or s["min_batch_size"] % world
+            or (s["batch_size"] - s["min_batch_size"]) % step_size):
+        fail(f"batch sizes {s['min_batch_size']} -> {s['batch_size']} must be multiples of the "
+             f"{world} processes and differ by a multiple of micro_batch x processes = {step_size}")
     return settings
 
 
@@ -290,7 +307,8 @@ def model_and_optimizer(args, meta, start, s, device):
     model = ModernBERT(config)
     if start.small:
         try:
-            model.load_state_dict(tile_state_dict(start.small["model"], Config(**start.small["config"]), model))
+            model.load_state_dict(tile_state_dict(start.small["model"],
+                                                  Config(**start.small["config"]), model))
         except ValueError as e:
             fail(f"--init_from {args.init_from}: {e}")
     if start.source:
@@ -317,27 +335,29 @@ def model_config(args, meta, start):
         requested = {**(asdict(config_for(args.model)) if args.model else {}), **overrides}
         for key in MODEL_KEYS:
             if key in requested and requested[key] != getattr(config, key):
-                fail(f"the model in {start.path} has {key} {getattr(config, key)}, the flags ask for "
-                     f"{requested[key]}: phase {args.phase} continues that model")
+                fail(f"the model in {start.path} has {key} {getattr(config, key)}, the flags ask "
+                     f"for {requested[key]}: phase {args.phase} continues that model")
         return config
     model = args.model or TRAIN_PRESETS[args.preset]["model"]
-    return config_for(model, vocab_size=meta["vocab_size"], pad_id=meta["pad_id"], cls_id=meta["cls_id"],
-                      sep_id=meta["sep_id"], **overrides)
+    return config_for(model, vocab_size=meta["vocab_size"], pad_id=meta["pad_id"],
+                      cls_id=meta["cls_id"], sep_id=meta["sep_id"], **overrides)
 
 
 def print_banner(args, model, s, data, start, device, bf16, peak, use_compile, world):
     c, phase = model.config, args.phase
-    origin = (f"; from {start.path}" + (f" at step {start.step}" if start.resumed else "")) if start.source else ""
-    print(f"phase {phase}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({c.n_layers} "
-          f"layers, d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} heads), RoPE theta global "
-          f"{c.global_theta:g} / local {c.local_theta:g}; {device}, {'bf16 autocast' if bf16 else 'fp32'}, "
-          f"attention {model.attention_backend}, compile {'on' if use_compile else 'off'}, {world} process(es)"
-          f"{origin}")
+    origin = ((f"; from {start.path}" + (f" at step {start.step}" if start.resumed else ""))
+              if start.source else "")
+    print(f"phase {phase}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+          f"({c.n_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} heads), RoPE "
+          f"theta global {c.global_theta:g} / local {c.local_theta:g}; {device}, "
+          f"{'bf16 autocast' if bf16 else 'fp32'}, attention {model.attention_backend}, "
+          f"compile {'on' if use_compile else 'off'}, {world} process(es){origin}")
     print(f"data {args.data}: {len(data.rows):,} rows of {s['seq_len']} tokens, packing efficiency "
           f"{data.efficiency:.2%}; eval on {args.eval_tokens:,} val tokens, 15% masked")
     shape = {1: f"after {s['warmup_tokens']:,} warmup tokens", 2: "constant",
              3: f"decaying as 1 - sqrt to {DECAY_FLOOR * s['lr']:g}"}[phase]
-    batch = (f"{s['min_batch_size']} -> {s['batch_size']} sequences over {s['batch_warmup_tokens']:,} tokens"
+    batch = (f"{s['min_batch_size']} -> {s['batch_size']} sequences over "
+             f"{s['batch_warmup_tokens']:,} tokens"
              if s["min_batch_size"] < s["batch_size"] else f"{s['batch_size']} sequences")
     mfu = (f"MFU against {peak / 1e12:.3g} TFLOP/s{' (measured matmul)' if device == 'cpu' else ''}"
            if peak else "MFU n/a")
@@ -349,7 +369,8 @@ def open_log(phase_dir, data_dir, append):
     """The phase directory with the tokenizer beside the model, and its log.jsonl, open."""
     os.makedirs(phase_dir, exist_ok=True)
     if os.path.exists(os.path.join(data_dir, "tokenizer.json")):
-        shutil.copy(os.path.join(data_dir, "tokenizer.json"), os.path.join(phase_dir, "tokenizer.json"))
+        shutil.copy(os.path.join(data_dir, "tokenizer.json"),
+                    os.path.join(phase_dir, "tokenizer.json"))
     return open(os.path.join(phase_dir, "log.jsonl"), "a" if append else "w")
 
 
@@ -382,7 +403,7 @@ def batch_size_at(tokens, min_size, max_size, step_size, warmup_tokens):
     return min_size + step_size * int(tokens * n_sizes // warmup_tokens)
 
 
-# ----------------------------------------------------------------------------- data: packing, masking
+# --------------------------------------------------------------------------- data: packing, masking
 
 class TrainData:
     """The training split packed into rows of one phase's length, visited in a seeded shuffle per
@@ -413,7 +434,8 @@ class TrainData:
     def batch(self, keys, device):
         """Rows -> one packed, masked micro-batch on the device: (ids, cu_seqlens, labels)."""
         rows = [self.rows[i] for _, i in keys]
-        masked = [mask_tokens(gather(self.tokens, row), np.random.default_rng([self.seed, self.phase, epoch, i]),
+        masked = [mask_tokens(gather(self.tokens, row),
+                              np.random.default_rng([self.seed, self.phase, epoch, i]),
                               self.mask_rate, self.mask_id, self.special_ids, self.ordinary_ids)
                   for (epoch, i), row in zip(keys, rows)]
         return to_device([m[0] for m in masked], [m[1] for m in masked], rows, device)
@@ -423,7 +445,8 @@ def document_pieces(offsets, seq_len):
     """(start, length) pieces of the token stream: each document whole, or, if longer than a row,
     cut into seq_len chunks and a remainder."""
     return [(s, min(seq_len, int(end) - s))
-            for start, end in zip(offsets[:-1], offsets[1:]) for s in range(int(start), int(end), seq_len)]
+            for start, end in zip(offsets[:-1], offsets[1:])
+            for s in range(int(start), int(end), seq_len)]
 
 
 def pack(pieces, seq_len):
@@ -448,13 +471,9 @@ def gather(array, row):
     return np.concatenate([array[s:s + n] for s, n in row]).astype(np.int64)
 
 
-def gather(array, row):
-    return np.concatenate([array[s:s + n] for s, n in row]).astype(np.int64)
-
-
 def mask_tokens(ids, rng, rate, mask_id, special_ids, ordinary_ids):
-    """BERT's corruption: select `rate` of the ordinary tokens (never [CLS], [SEP], [PAD] or the other
-    specials); of those 80% -> [MASK], 10% -> a random ordinary token, 10% left as they are.
+    """BERT's corruption: select `rate` of the ordinary tokens (never [CLS], [SEP], [PAD] or the
+    other specials); of those 80% -> [MASK], 10% -> a random ordinary token, 10% left as they are.
     Returns (inputs, labels), labels -100 where nothing is predicted."""
     selected = (rng.random(len(ids)) < rate) & ~np.isin(ids, special_ids)
     action = rng.random(len(ids))
@@ -497,7 +516,8 @@ def eval_batches(data_dir, meta, seq_len, eval_tokens, micro_batch, rank, world,
     rows, _ = pack(pieces, seq_len)
     rows = rows[rank::world]
     return [to_device([gather(inputs, r) for r in rows[i:i + micro_batch]],
-                      [gather(labels, r) for r in rows[i:i + micro_batch]], rows[i:i + micro_batch], device)
+                      [gather(labels, r) for r in rows[i:i + micro_batch]],
+                      rows[i:i + micro_batch], device)
             for i in range(0, len(rows), micro_batch)]
 
 
@@ -519,9 +539,10 @@ def forward_backward(model, micro_batches, world, autocast):
     loss_sum = torch.zeros((), device=n_masked.device)
     for i, (ids, cu_seqlens, labels) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with model.no_sync() if world > 1 and not last else nullcontext():  # all-reduce once, at the end
+        # all-reduce once, at the end
+        with model.no_sync() if world > 1 and not last else nullcontext():
             with autocast():
-                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)  # logits of masked tokens only
+                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)  # masked tokens only
             loss = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
             (loss * world / n_masked).backward()
         loss_sum += loss.detach()
@@ -539,7 +560,8 @@ class StableAdamW(torch.optim.Optimizer):
       shape but not the LR's size (AdamW's lr_t * wd would tie the two together)."""
 
     def __init__(self, params, lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5):
-        super().__init__(params, dict(lr=lr, max_lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, max_lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self):
@@ -565,11 +587,13 @@ class StableAdamW(torch.optim.Optimizer):
 def make_optimizer(model, lr, weight_decay):
     # Matrices (the embedding included) decay; norms and biases (1-D) do not.
     params = [p for p in model.parameters() if p.requires_grad]
-    return StableAdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    matrices = [p for p in params if p.dim() >= 2]
+    vectors = [p for p in params if p.dim() < 2]
+    return StableAdamW([{"params": matrices, "weight_decay": weight_decay},
+                        {"params": vectors, "weight_decay": 0.0}], lr=lr)
 
 
-# ----------------------------------------------------------------------------- evaluation, checkpoints
+# -------------------------------------------------------------------------- evaluation, checkpoints
 
 @torch.no_grad()
 def evaluate(model, evals, autocast, world):
@@ -593,7 +617,8 @@ def evaluate(model, evals, autocast, world):
 def report_eval(log, phase, step, tokens, loss, acc):
     write_log(log, phase, step=step, tokens=tokens, val_loss=loss, val_acc=acc)
     if log:
-        tqdm.write(f"phase {phase} step {step} ({tokens:,} tokens): val loss {loss:.4f}, val acc {acc:.2%}")
+        tqdm.write(f"phase {phase} step {step} ({tokens:,} tokens): val loss {loss:.4f}, "
+                   f"val acc {acc:.2%}")
 
 
 def save_training_checkpoint(path, model, optimizer, info, world):
@@ -601,7 +626,8 @@ def save_training_checkpoint(path, model, optimizer, info, world):
     data position, finished). No generator states: masks and dropout are seeded from (seed,
     phase, step or row). Rank 0 writes; the others wait for it."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        fail(f"the weights hold NaN/inf at step {info['step']}; nothing saved, the last good checkpoint is intact")
+        fail(f"the weights hold NaN/inf at step {info['step']}; nothing saved, the last good "
+             "checkpoint is intact")
     if world == 1 or dist.get_rank() == 0:
         save_checkpoint(path, {"config": asdict(model.config), "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(), **info})
@@ -631,7 +657,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch each raise their own kind for a foreign file
-        raise ValueError(f"{path!r} is not a model checkpoint, or is corrupted ({type(e).__name__}: {e})")
+        raise ValueError(f"{path!r} is not a model checkpoint, or is corrupted "
+                         f"({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
         raise ValueError(f"{path!r} is not a model checkpoint: no 'config' and 'model' entries")
     state = {}
@@ -683,7 +710,8 @@ def center_tile(old, shape):
     its end. A dimension that does not grow is copied as it is."""
     for dim, (n_old, n_new) in enumerate(zip(old.shape, shape)):
         if n_new < n_old:
-            raise ValueError(f"tiling only grows a model: dimension {dim} shrinks {n_old} -> {n_new}")
+            raise ValueError(f"tiling only grows a model: dimension {dim} shrinks "
+                             f"{n_old} -> {n_new}")
         index = (torch.arange(n_new) - (n_new - n_old) // 2) % n_old
         old = old.index_select(dim, index)
     return old
@@ -693,7 +721,8 @@ def tile_state_dict(old_state, old_config, new_model):
     """The larger model's weights from a smaller model's, as ModernBERT-large was started from
     base. Fused tensors are tiled part by part: Wqkv as Q, K, V; GeGLU's Wi as input and gate."""
     if old_config.vocab_size != new_model.config.vocab_size:
-        raise ValueError(f"vocabularies differ: {old_config.vocab_size} vs {new_model.config.vocab_size}")
+        raise ValueError(f"vocabularies differ: {old_config.vocab_size} vs "
+                         f"{new_model.config.vocab_size}")
     depth = layer_map(old_config.n_layers, new_model.config.n_layers)
     new_state = {}
     for name, target in new_model.state_dict().items():
@@ -704,7 +733,8 @@ def tile_state_dict(old_state, old_config, new_model):
         if source not in old_state:  # old layer 0 has no attn_norm: keep the fresh one (ones)
             new_state[name] = target
             continue
-        parts = 3 if name.endswith("attn.Wqkv.weight") else 2 if name.endswith("mlp.Wi.weight") else 1
+        parts = (3 if name.endswith("attn.Wqkv.weight")
+                 else 2 if name.endswith("mlp.Wi.weight") else 1)
         shape = (target.shape[0] // parts, *target.shape[1:])
         new_state[name] = torch.cat([center_tile(p, shape) for p in old_state[source].chunk(parts)])
     new_state["decoder.weight"] = new_state["tok_embeddings.weight"]  # tied: one tensor, tiled once
@@ -723,15 +753,16 @@ def pick_device(name="auto"):
 
 
 # Dense bf16 tensor-core peaks (FLOP/s), for MFU. The first name found in the device's wins.
-GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
-                  ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A6000", 155e12), ("4090", 165e12),
-                  ("3090", 71e12)]
+GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+                  ("A6000", 155e12), ("4090", 165e12), ("3090", 71e12)]
 
 
 def matmul_flops(dtype, device="cpu", n=1024, seconds=0.25):
     """The device's practical peak: the fastest of repeated n x n matmuls (the fastest, so that a
     moment of competition from other programs does not lower it). For MFU and the bf16 choice."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device),
+            torch.randn(n, n, dtype=dtype, device=device))
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else lambda: None
     a @ b
     best, stop = float("inf"), time.perf_counter() + seconds
@@ -751,60 +782,84 @@ def speed_setup(device, dtype, compile_flag):
         name = torch.cuda.get_device_name(device)
         peak = next((f for key, f in GPU_PEAK_FLOPS if key in name), None)
         bf16 = dtype == "bf16" or (dtype == "auto" and torch.cuda.is_bf16_supported())
-    elif kind == "cpu":  # bf16 autocast is fast on CPUs with bf16 matmul units, slow elsewhere: measure
+    elif kind == "cpu":  # bf16 autocast is fast on CPUs with bf16 matmul units, else slow: measure
         fp32_speed = matmul_flops(torch.float32)
         bf16_speed = matmul_flops(torch.bfloat16) if dtype != "fp32" else 0.0
         bf16 = dtype == "bf16" or (dtype == "auto" and bf16_speed > 1.2 * fp32_speed)
         peak = bf16_speed if bf16 else fp32_speed
     else:  # MPS: no reliable peak to quote
         peak, bf16 = None, dtype == "bf16"
-    use_compile = compile_flag == "on" or (compile_flag == "auto" and kind == "cuda" and sys.platform != "win32")
+    use_compile = compile_flag == "on" or (compile_flag == "auto" and kind == "cuda"
+                                           and sys.platform != "win32")
     return bf16, peak, use_compile
 
 
 # ----------------------------------------------------------------------------- the command line
 
 def get_args(argv):
-    p = argparse.ArgumentParser(description="ModernBERT's three-phase MLM pretraining. Run --phase 1, 2, 3 in turn.")
+    p = argparse.ArgumentParser(description="ModernBERT's three-phase MLM pretraining. "
+                                            "Run --phase 1, 2, 3 in turn.")
     p.add_argument("--phase", type=int, choices=[1, 2, 3], default=1,
-                   help="1: pretrain at the base length; 2: context extension (8x length, global theta 160k); "
-                        "3: LR decay (default: %(default)s)")
-    p.add_argument("--data", default="data/stdlib", help="prepare.py's output directory (default: %(default)s)")
-    p.add_argument("--out", default="out", help="run directory; phase N writes OUT/phaseN (default: %(default)s)")
+                   help="1: pretrain at the base length; 2: context extension (8x length, "
+                        "global theta 160k); 3: LR decay (default: %(default)s)")
+    p.add_argument("--data", default="data/stdlib",
+                   help="prepare.py's output directory (default: %(default)s)")
+    p.add_argument("--out", default="out",
+                   help="run directory; phase N writes OUT/phaseN (default: %(default)s)")
     p.add_argument("--preset", choices=TRAIN_PRESETS, default="laptop",
-                   help="phase-1 recipe: laptop (CPU, minutes), base-24gb / large-24gb (the paper's shapes "
-                        "on one 24 GB GPU) (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue this phase from its ckpt.pt, exactly")
-    p.add_argument("--overwrite", action="store_true", help="start this phase over even if its ckpt.pt exists")
-    p.add_argument("--init_from", metavar="CKPT", help="phase 1: start from a smaller model's ckpt.pt, tiled up")
+                   help="phase-1 recipe: laptop (CPU, minutes), base-24gb / large-24gb (the "
+                        "paper's shapes on one 24 GB GPU) (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this phase from its ckpt.pt, exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start this phase over even if its ckpt.pt exists")
+    p.add_argument("--init_from", metavar="CKPT",
+                   help="phase 1: start from a smaller model's ckpt.pt, tiled up")
     g = p.add_argument_group("model (phase 1 only; later phases continue phase 1's model)")
-    g.add_argument("--model", choices=PRESETS, help="modernbert.py's model preset (default: --preset's)")
+    g.add_argument("--model", choices=PRESETS,
+                   help="modernbert.py's model preset (default: --preset's)")
     for key in MODEL_KEYS:
         g.add_argument(f"--{key}", type=int, help=f"override the preset's {key}")
-    g = p.add_argument_group("run settings (default: --preset's in phase 1, derived from the previous phase in 2 and 3)")
+    g = p.add_argument_group("run settings (default: --preset's in phase 1, derived from the "
+                             "previous phase in 2 and 3)")
     count = lambda s: int(float(s))  # accepts 3e6
     g.add_argument("--seq_len", type=int, help="row length in tokens (phase 2: 8x phase 1's)")
-    g.add_argument("--tokens", type=count, help="token budget of the phase (phases 2, 3: the paper's proportions)")
+    g.add_argument("--tokens", type=count,
+                   help="token budget of the phase (phases 2, 3: the paper's proportions)")
     g.add_argument("--lr", type=float, help="peak learning rate (phases 2, 3: 3/8 of phase 1's)")
     g.add_argument("--warmup_tokens", type=count, help="phase 1: linear LR warmup, in tokens")
-    g.add_argument("--batch_size", type=int, help="global batch in sequences (phase 2: phase 1's / 8)")
+    g.add_argument("--batch_size", type=int,
+                   help="global batch in sequences (phase 2: phase 1's / 8)")
     g.add_argument("--min_batch_size", type=int, help="phase 1: batch-size warmup starts here")
-    g.add_argument("--batch_warmup_tokens", type=count, help="phase 1: tokens over which the batch grows")
+    g.add_argument("--batch_warmup_tokens", type=count,
+                   help="phase 1: tokens over which the batch grows")
     g.add_argument("--micro_batch", type=int, help="sequences per forward pass and process")
-    g.add_argument("--weight_decay", type=float, help=f"decoupled weight decay (default {EVERY_PRESET['weight_decay']})")
-    g.add_argument("--dropout", type=float, help=f"attention-output dropout (default {EVERY_PRESET['dropout']})")
-    g.add_argument("--mask_rate", type=float, help=f"share of tokens masked in training (default {EVERY_PRESET['mask_rate']})")
-    g.add_argument("--seed", type=int, help=f"seed of init, data order, masks and dropout (default {EVERY_PRESET['seed']})")
+    g.add_argument("--weight_decay", type=float,
+                   help=f"decoupled weight decay (default {EVERY_PRESET['weight_decay']})")
+    g.add_argument("--dropout", type=float,
+                   help=f"attention-output dropout (default {EVERY_PRESET['dropout']})")
+    g.add_argument("--mask_rate", type=float,
+                   help=f"share of tokens masked in training (default {EVERY_PRESET['mask_rate']})")
+    g.add_argument("--seed", type=int,
+                   help=f"seed of init, data order, masks and dropout "
+                        f"(default {EVERY_PRESET['seed']})")
     g = p.add_argument_group("running")
-    g.add_argument("--eval_every", type=int, default=200, help="steps between evals (default: %(default)s)")
-    g.add_argument("--eval_tokens", type=count, default=65536, help="size of the fixed eval set (default: %(default)s)")
-    g.add_argument("--ckpt_every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
-    g.add_argument("--max_steps", type=int, help="stop after this step, resumable, even if tokens remain")
-    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    g.add_argument("--eval_every", type=int, default=200,
+                   help="steps between evals (default: %(default)s)")
+    g.add_argument("--eval_tokens", type=count, default=65536,
+                   help="size of the fixed eval set (default: %(default)s)")
+    g.add_argument("--ckpt_every", type=int, default=200,
+                   help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--max_steps", type=int,
+                   help="stop after this step, resumable, even if tokens remain")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast; auto: on CUDA with bf16, on a CPU where bf16 matmuls measure faster")
+                   help="bf16 autocast; auto: on CUDA with bf16, on a CPU where bf16 matmuls "
+                        "measure faster")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the MLPs; auto: on for CUDA, not on Windows (default: %(default)s)")
+                   help="torch.compile the MLPs; auto: on for CUDA, not on Windows "
+                        "(default: %(default)s)")
     return p.parse_args(argv)
 
 
