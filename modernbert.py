@@ -60,6 +60,23 @@ class Config:
     def head_dim(self):
         return self.d_model // self.n_heads
 
+    def __post_init__(self):
+        """A shape the model cannot have is refused here, with the reason, not in a reshape."""
+        counts = ["vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "window", "global_every", "max_seq_len"]
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim d_model / n_heads = {self.head_dim} must be even: RoPE rotates pairs")
+        if self.window % 2:
+            raise ValueError(f"window {self.window} must be even: a token sees window / 2 on each side")
+        if not 0 <= self.attn_out_dropout < 1:
+            raise ValueError(f"attn_out_dropout must be in [0, 1), got {self.attn_out_dropout}")
+        if min(self.global_theta, self.local_theta, self.norm_eps, self.init_std) <= 0:
+            raise ValueError("global_theta, local_theta, norm_eps and init_std must be positive")
+
 
 PRESETS = {
     "base": Config(),
@@ -365,15 +382,16 @@ class ModernBERT(nn.Module):
     def reset_parameters(self):
         # "Megatron" init: truncated normal (cut at 2 std) with std 0.02, and the two projections
         # that write into the residual stream (attention Wo, MLP Wo) scaled by 1/sqrt(2 n_layers)
-        # so the residual's variance does not grow with depth. The head's dense layer is scaled
-        # the same way, as in Hugging Face's port. Norms start at one, the decoder bias at zero.
+        # so the residual's variance does not grow with depth. The head's dense layer keeps 0.02,
+        # as in the official pretraining code (transformers' port scales it like Wo). Norms start
+        # at one, the decoder bias at zero.
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p) if "norm" in name else nn.init.zeros_(p)
             else:
-                s = out_std if name.endswith(("Wo.weight", "head.dense.weight")) else std
+                s = out_std if name.endswith("Wo.weight") else std
                 nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s)
 
     def encode_stream(self, tokens, cu_seqlens):
@@ -496,7 +514,9 @@ def config_to_hf(c):
             "global_attn_every_n_layers": c.global_every, "global_rope_theta": c.global_theta,
             "local_rope_theta": c.local_theta, "norm_eps": c.norm_eps, "norm_bias": False,
             "attention_bias": False, "mlp_bias": False, "decoder_bias": True, "classifier_activation": "gelu",
-            "attention_dropout": c.attn_out_dropout, "embedding_dropout": 0.0, "mlp_dropout": 0.0,
+            # 0.0, as in the released models: transformers would apply attention_dropout to the
+            # attention probabilities too, which pretraining never did (it dropped the output only).
+            "attention_dropout": 0.0, "embedding_dropout": 0.0, "mlp_dropout": 0.0,
             "initializer_range": c.init_std, "initializer_cutoff_factor": 2.0, "tie_word_embeddings": True,
             "pad_token_id": c.pad_id, "cls_token_id": c.cls_id, "sep_token_id": c.sep_id,
             "bos_token_id": c.cls_id, "eos_token_id": c.sep_id, "torch_dtype": "float32"}

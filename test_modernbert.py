@@ -353,6 +353,10 @@ def test_init_follows_the_paper():
     assert wqkv.abs().max() <= 2 * std and wo.abs().max() <= 2 * out_std
     assert abs(wqkv.std().item() - std * 0.88) < 0.002  # a normal cut at 2 std keeps 0.88 of its std
     assert abs(wo.std().item() - out_std * 0.88) < 0.0005
+    # The head's dense layer at 0.02, as the official pretraining code has it (transformers' port
+    # depth-scales it like Wo): its std tells the two apart (0.0176 vs 0.0051 for 4 layers).
+    dense = model.head.dense.weight
+    assert dense.abs().max() <= 2 * std and abs(dense.std().item() - std * 0.88) < 0.001
     assert model.decoder.weight is model.tok_embeddings.weight
     assert torch.equal(model.decoder.bias, torch.zeros(config.vocab_size))
     assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
@@ -433,3 +437,31 @@ def test_flash_window_boundary():
         with torch.no_grad():
             delta = (layer_output(model, 1, y, cu) - layer_output(model, 1, x, cu))[query].abs().max()
         assert (delta > 1e-3) if sees else (delta == 0), (key, float(delta))
+
+
+# ----------------------------------------------------------------------------- config, export
+
+def test_impossible_shapes_are_refused_with_the_reason():
+    for change, reason in [(dict(n_heads=3), "not divisible by n_heads"), (dict(n_heads=256), "head_dim d_model / n_heads = 1 must be even"),
+                           (dict(window=7), "window 7 must be even"), (dict(n_layers=0), "n_layers must be"),
+                           (dict(attn_out_dropout=1.0), "attn_out_dropout")]:
+        with pytest.raises(ValueError, match=reason):
+            config_for("mini", **change)
+
+
+def test_export_has_no_probability_dropout(tmp_path):
+    """Pretraining dropped the attention output only. transformers applies attention_dropout to
+    the probabilities as well, so the export says 0.0: a transformers model in train mode then
+    computes exactly what ours computes without dropout."""
+    config = replace_config(CONFIGS["narrow"], attn_out_dropout=0.1)
+    ours = seeded(config)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path, attn_implementation="sdpa").train()
+    assert hf.config.attention_dropout == 0.0
+    ids, mask = padded_batch([40, 17], config.vocab_size)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask.long()).logits
+        again = hf(input_ids=ids, attention_mask=mask.long()).logits
+        mine, _ = ours.eval()(ids, attention_mask=mask)
+    assert torch.equal(theirs, again)
+    assert (theirs - mine)[mask].abs().max() <= 1e-4
