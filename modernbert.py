@@ -408,10 +408,11 @@ class ModernBERT(nn.Module):
         tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
         return repad(self.encode_stream(tokens, cu_seqlens), indices, input_ids.shape)
 
-    def forward(self, input_ids, attention_mask=None, cu_seqlens=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, cu_seqlens=None, labels=None, reduction="mean"):
         """Padded (B, T) ids + mask, or a packed 1-D stream + cu_seqlens. Returns (logits, loss).
         Without labels: logits for every token, in the caller's layout, and loss None.
-        With labels (-100 = not predicted): logits only for the labelled tokens, in stream order."""
+        With labels (-100 = not predicted): logits only for the labelled tokens, in stream order,
+        and their cross-entropy ("mean", or "sum" for a trainer that divides by a global count)."""
         tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
         x = self.encode_stream(tokens, cu_seqlens)
         if labels is None:
@@ -421,7 +422,7 @@ class ModernBERT(nn.Module):
         labels = labels.flatten() if indices is None else labels.flatten()[indices]
         picked = labels != -100
         logits = self.decoder(self.head(x[picked]))                      # (n_picked, vocab)
-        return logits, F.cross_entropy(logits.float(), labels[picked])
+        return logits, F.cross_entropy(logits.float(), labels[picked], reduction=reduction)
 
     def flops_per_token(self, seq_len, predicted_fraction=1.0, training=True):
         """Matmul FLOPs per token, for MFU. A local layer attends to at most window + 1 keys."""

@@ -90,11 +90,43 @@ def test_phase_defaults_keep_the_papers_relations():
     assert (phase3["seq_len"], phase3["tokens"], phase3["lr"]) == (2048, 50_000, pytest.approx(3e-4))
 
 
+def test_each_preset_continues_at_the_papers_phase_2_and_3_rates():
+    """Phase 1's preset settings through the same derivation train.py runs: base continues at
+    3e-4 with weight decay 1e-5 (3/8 of 8e-4); large at 5e-5 with weight decay 1e-6 (its 5e-4
+    proved too high); the laptop recipe follows base's relation."""
+    expected = {"base-24gb": (8e-4, 1e-5, 3e-4, 1e-5), "large-24gb": (5e-4, 1e-5, 5e-5, 1e-6),
+                "laptop": (1e-3, 1e-5, 3.75e-4, 1e-5)}
+    for preset, (lr1, wd1, lr2, wd2) in expected.items():
+        phase1 = train.phase_settings(train.get_args(["--preset", preset]), train.PhaseStart(), 1)
+        assert (phase1["lr"], phase1["weight_decay"]) == (lr1, wd1)
+        phase2 = train.derived_settings(2, phase1)
+        phase3 = train.derived_settings(3, phase2)
+        for later in (phase2, phase3):
+            assert (later["lr"], later["weight_decay"]) == (pytest.approx(lr2), pytest.approx(wd2)), preset
+
+
 def test_batch_size_warmup_sizes():
-    # 2 -> 8 in steps of 2 over 300 tokens: 2, 4, 6 each for 100 tokens, then 8
-    sizes = [train.batch_size_at(t, 2, 8, 2, 300) for t in (0, 99, 100, 199, 200, 299, 300, 10_000)]
+    # 2 -> 8 in steps of 2 over 300 tokens, by hand: sizes 2, 4, 6 sum to 12, so each is held for
+    # tokens in proportion to its size: 2 for 300 * 2/12 = 50 tokens, 4 for 100, 6 for 150
+    # (thresholds at 50, 150, 300), then 8. With rows of L tokens that is 50 / 2L = 100 / 4L =
+    # 150 / 6L steps at every size, as the official packer does it.
+    sizes = [train.batch_size_at(t, 2, 8, 2, 300) for t in (0, 49, 50, 149, 150, 299, 300, 10_000)]
     assert sizes == [2, 2, 4, 4, 6, 6, 8, 8]
     assert train.batch_size_at(0, 8, 8, 2, 300) == 8
+
+
+def test_batch_size_warmup_gives_base_equal_steps_per_size():
+    """ModernBERT-base's warmup, 768 -> 4608 sequences of 1024 tokens over 50B tokens, one
+    micro-batch (96) per GPU on 8 GPUs at a time: 50e9 / (1024 * (768 + 1536 + 2304 + 3072 + 3840))
+    = 4238.5 steps at each size below 4608 (equal tokens per size would give 12,716 at 768)."""
+    tokens, steps = 0, {}
+    while 4608 not in steps:  # through the warmup, and one step at the full size
+        size = train.batch_size_at(tokens, 768, 4608, 768, 50e9)
+        steps[size] = steps.get(size, 0) + 1
+        tokens += size * 1024
+    assert sorted(steps) == [768, 1536, 2304, 3072, 3840, 4608]
+    for size in (768, 1536, 2304, 3072, 3840):
+        assert abs(steps[size] - 50e9 / (1024 * 11520)) <= 1, (size, steps[size])
 
 
 def test_batch_warmup_and_token_accounting_in_a_run(tmp_path):
@@ -104,11 +136,12 @@ def test_batch_warmup_and_token_accounting_in_a_run(tmp_path):
     train.main(tiny_args(data, out, "--min_batch_size", "2", "--batch_size", "6", "--batch_warmup_tokens", "192",
                          "--warmup_tokens", "320", "--lr", "1e-3", "--max_steps", "5"))
     steps = [r for r in log_of(out, 1) if "loss" in r]
-    # by hand: sizes 2 and 4 each held for 96 tokens: t=0 -> 2, 64 -> 2, 128 -> 4, 256 -> 6, 448 -> 6
-    assert [r["batch_size"] for r in steps] == [2, 2, 4, 6, 6]
-    assert [r["tokens"] for r in steps] == [64, 128, 256, 448, 640]
+    # by hand: sizes 2 and 4 held for 192 * 2/6 = 64 and 192 * 4/6 = 128 tokens (one step each):
+    # t=0 -> 2, 64 -> 4, 192 -> 6, 384 -> 6, 576 -> 6
+    assert [r["batch_size"] for r in steps] == [2, 4, 6, 6, 6]
+    assert [r["tokens"] for r in steps] == [64, 192, 384, 576, 768]
     # the LR counts tokens (read once the step's batch is in): 1e-3 x min(1, t / 320)
-    assert [r["lr"] for r in steps] == pytest.approx([2e-4, 4e-4, 8e-4, 1e-3, 1e-3])
+    assert [r["lr"] for r in steps] == pytest.approx([2e-4, 6e-4, 1e-3, 1e-3, 1e-3])
 
 
 # ----------------------------------------------------------------------------- masking, packing
@@ -246,7 +279,7 @@ def optimi_stableadamw_step(p, g, state, lr, max_lr, weight_decay, beta1=0.9, be
     state["exp_avg_sq"] = exp_avg_sq
     rms = float((g ** 2 / exp_avg_sq.clamp(min=eps ** 2)).mean().sqrt())  # per tensor
     clipped_lr = lr / max(1.0, rms)
-    p = p * (1 - (lr / max_lr) * weight_decay)  # issue 11 switches this to the clipped lr, as optimi does
+    p = p * (1 - (clipped_lr / max_lr) * weight_decay)  # decayed with the clipped lr, as optimi does
     return p - clipped_lr * exp_avg / (exp_avg_sq.sqrt() + eps), rms > 1
 
 
@@ -373,6 +406,10 @@ def test_tiling_splits_fused_tensors_and_maps_layers():
     small = Config(vocab_size=64, n_layers=2, d_model=8, n_heads=2, d_ff=8, window=4)
     big = Config(vocab_size=64, n_layers=3, d_model=12, n_heads=3, d_ff=13, window=4)  # d_ff grows by 5
     old, new = ModernBERT(small), ModernBERT(big)
+    with torch.no_grad():  # random norms: init's ones would hide a norm that is not tiled
+        for name, p in old.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p))
     state = train.tile_state_dict(old.state_dict(), small, new)
     new.load_state_dict(state)
     o = old.state_dict()
@@ -390,6 +427,9 @@ def test_tiling_splits_fused_tensors_and_maps_layers():
             assert torch.equal(state[new_name + name], tiled), new_name + name
     norm = official_tile(o["layers.1.attn_norm.weight"], (12,))
     assert torch.equal(state["layers.2.attn_norm.weight"], norm)
+    for name in ("embed_norm.weight", "head.norm.weight"):
+        assert torch.equal(state[name], official_tile(o[name], (12,))), name
+    assert torch.equal(state["final_norm.weight"], torch.ones(12))  # the official code leaves it fresh
     embedding = official_tile(o["tok_embeddings.weight"], (64, 12))           # vocab untouched
     assert torch.equal(state["tok_embeddings.weight"], embedding)
     assert torch.equal(state["decoder.weight"], embedding)
@@ -409,6 +449,35 @@ def test_init_from_tiles_a_smaller_checkpoint(data, tmp_path):
     assert big["config"]["d_model"] == 96 and big["config"]["n_layers"] == 4
     expected = official_tile(small["model"]["tok_embeddings.weight"], (320, 96))
     torch.testing.assert_close(big["model"]["tok_embeddings.weight"], expected, atol=1e-7, rtol=0)
+
+
+def test_init_from_refuses_a_checkpoint_trained_at_theta_160k(data, tmp_path):
+    """Tiling grows a model for phase 1, which runs RoPE at theta 10k everywhere; a phase-2 or 3
+    checkpoint's global layers learned theta 160k, so it is refused with the reason."""
+    train.main(tiny_args(data, tmp_path / "small", "--max_steps", "1"))
+    ckpt = torch.load(tmp_path / "small" / "phase1" / "ckpt.pt", weights_only=True)
+    ckpt["config"]["global_theta"], ckpt["phase"] = 160_000.0, 2
+    torch.save(ckpt, tmp_path / "phase2.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(data, tmp_path / "big", "--d_model", "96", "--init_from", str(tmp_path / "phase2.pt")))
+    assert "phase-1 checkpoint" in one_line_error(e) and "160000" in one_line_error(e)
+    assert not (tmp_path / "big").exists()
+
+
+def test_the_training_step_computes_each_loss_once(monkeypatch):
+    """One cross-entropy per micro-batch: the model's own (summed), not a second one beside it
+    that would keep another (masked tokens x vocabulary) tensor alive through backward."""
+    calls = []
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = ModernBERT(Config(vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=16, window=4))
+    rng = np.random.default_rng(0)
+    micro = [train.to_device([rng.integers(5, 64, 20)], [rng.integers(5, 64, 20)], [[(0, 20)]], "cpu")
+             for _ in range(3)]
+    loss_sum, count = train.forward_backward(model, micro, 1, train.nullcontext)
+    assert len(calls) == 3 and count == 60
+    logits, _ = model(micro[0][0], cu_seqlens=micro[0][1], labels=micro[0][2])
+    assert logits.shape == (20, 64)
 
 
 # ----------------------------------------------------------------------------- resume, DDP
@@ -562,6 +631,59 @@ def one_line_error(excinfo):
     message = str(excinfo.value)
     assert "\n" not in message
     return message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be positive"), (["--lr", "nan"], "--lr must be positive"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"), (["--seq_len", "1"], "--seq_len must be at least 16"),
+    (["--n_heads", "3"], "d_model 256 is not divisible by n_heads 3"), (["--window", "7"], "window 7 must be even"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"), (["--mask_rate", "0"], "--mask_rate must be in (0, 1)"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be at least 0"), (["--tokens", "0"], "--tokens must be"),
+    (["--micro_batch", "8", "--batch_size", "4"], "--micro_batch 8 is larger than --batch_size 4"),
+    (["--eval_every", "0"], "--eval_every must be at least 1")])
+def test_bad_flags_are_one_argparse_error_before_anything_is_read_or_written(flags, message, tmp_path, capsys):
+    data = write_data(tmp_path / "data", [40] * 20)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(data), "--out", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"train.py: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+class CodeOnLoad:
+    """Unpickling this creates a file: what a malicious checkpoint could do with pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def crafted_checkpoint(path, marker):
+    torch.save({"config": {}, "model": {}, "run": CodeOnLoad(str(marker))}, path)
+    torch.load(path, weights_only=False)  # the test can fail: a full unpickle runs the code...
+    assert marker.exists()
+    marker.unlink()                       # ...and is undone here
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(data, tmp_path):
+    """Checkpoints are read with weights_only=True: tensors and plain containers only. A crafted
+    file is a one-line error wherever train.py reads one (--resume, --init_from, the previous
+    phase), and the code in it never runs."""
+    marker = tmp_path / "pwned"
+    out = tmp_path / "out"
+    (out / "phase1").mkdir(parents=True)
+    crafted_checkpoint(out / "phase1" / "ckpt.pt", marker)
+    for flags in (["--resume"], ["--phase", "2"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_args(data, out, *flags))
+        assert "is not a model checkpoint, or is corrupted" in one_line_error(e)
+    crafted_checkpoint(tmp_path / "small.pt", marker)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(data, tmp_path / "other", "--init_from", str(tmp_path / "small.pt")))
+    assert "is not a model checkpoint, or is corrupted" in one_line_error(e)
+    assert not marker.exists()
 
 
 def test_missing_data_says_run_prepare(tmp_path):

@@ -49,17 +49,21 @@ TRAIN_PRESETS = {
                       batch_warmup_tokens=100_000_000, micro_batch=8),
     "large-24gb": dict(model="large", seq_len=1024, tokens=2_000_000_000, lr=5e-4,
                        warmup_tokens=20_000_000, batch_size=512, min_batch_size=64,
-                       batch_warmup_tokens=100_000_000, micro_batch=4),
+                       batch_warmup_tokens=100_000_000, micro_batch=4,
+                       later_lr_factor=1 / 10, later_weight_decay_factor=1 / 10),
 }
-EVERY_PRESET = dict(weight_decay=1e-5, dropout=0.1, mask_rate=0.3, seed=1337)
+# Phases 2 and 3 train at phase 1's LR and weight decay times the later_* factors: base 8e-4 ->
+# 3e-4 with the same decay; large's 5e-4 proved too high, so it continued at 5e-5, decay 1e-6.
+EVERY_PRESET = dict(weight_decay=1e-5, dropout=0.1, mask_rate=0.3, seed=1337,
+                    later_lr_factor=3 / 8, later_weight_decay_factor=1.0)
 RUN_KEYS = ["seq_len", "tokens", "lr", "warmup_tokens", "batch_size", "min_batch_size",
             "batch_warmup_tokens", "micro_batch", "weight_decay", "dropout", "mask_rate", "seed"]
+LATER_KEYS = ["later_lr_factor", "later_weight_decay_factor"]  # from the preset only, no flags
 MODEL_KEYS = ["n_layers", "d_model", "n_heads", "d_ff", "window"]
 
 # The paper's token budgets in billions (1.719T, 250B, 50B). Phases 2 and 3 keep these proportions
 # to the phase before them unless --tokens says otherwise.
 PAPER_TOKENS = {1: 1719, 2: 250, 3: 50}
-PHASE2_LR_FACTOR = 3 / 8          # base: 8e-4 in phase 1, 3e-4 in phases 2 and 3
 LENGTH_FACTOR = 8                 # context extension: 1024 -> 8192
 DECAY_FLOOR = 0.001               # phase 3 ends at 0.001 x its peak LR
 EVAL_SEED = 1234                  # fixed, so evals compare across steps, runs, phases and --seed
@@ -251,6 +255,11 @@ def phase_start(args, meta):
     if args.init_from:
         start.small = read_training_checkpoint(args.init_from)
         start.continues_a_model = True
+        if start.small["config"]["global_theta"] != 10_000.0:
+            # Its global layers learned positions at theta 160k; phase 1 runs them at 10k.
+            fail(f"--init_from {args.init_from} is a phase {start.small['phase']} checkpoint (global RoPE theta "
+                 f"{start.small['config']['global_theta']:g}); tile from a phase-1 checkpoint (theta 10k), "
+                 "as ModernBERT-large was grown from base's phase 1")
     for ckpt, path in [(start.source, start.path), (start.small, args.init_from)]:
         if ckpt:
             for key in ["vocab_size"] + sorted(k for k in ckpt["meta"] if k.endswith("_id")):
@@ -269,7 +278,7 @@ def phase_settings(args, start, world):
         settings = derived_settings(args.phase, start.previous["run"])
     else:
         preset = TRAIN_PRESETS[args.preset]
-        settings = {**EVERY_PRESET, **{k: v for k, v in preset.items() if k in RUN_KEYS}}
+        settings = {**EVERY_PRESET, **{k: v for k, v in preset.items() if k in RUN_KEYS + LATER_KEYS}}
     for key in RUN_KEYS:
         value = getattr(args, key)
         if value is not None and start.resumed and value != settings[key]:
@@ -277,6 +286,9 @@ def phase_settings(args, start, world):
                  "continues a run with its own settings")
         settings[key] = settings[key] if value is None else value
     s = settings
+    for small, large in [("micro_batch", "batch_size"), ("min_batch_size", "batch_size")]:
+        if s[small] > s[large]:
+            fail(f"{small} {s[small]} is larger than {large} {s[large]}: lower --{small} or raise --{large}")
     step_size = s["micro_batch"] * world
     if (s["batch_size"] % world or s["min_batch_size"] % world
             or (s["batch_size"] - s["min_batch_size"]) % step_size):
@@ -288,11 +300,15 @@ def phase_settings(args, start, world):
 def derived_settings(phase, prev):
     """Phase 2 from phase 1's settings, phase 3 from phase 2's: the paper's relations."""
     s = dict(prev, warmup_tokens=0, batch_warmup_tokens=0)
-    if phase == 2:  # 8x longer rows, as many tokens per batch and micro-batch, 3/8 of the LR
+    if phase == 2:  # 8x longer rows, as many tokens per batch and micro-batch, a lower LR
+        # The official yamls: base 4608 -> 576 sequences in phases 2 and 3, as derived here; large
+        # 4928 -> 616 in phase 2 (also as derived) and 624 in phase 3 (ours stays at 616: 624 is
+        # a multiple of their micro-batch x 8 GPUs, not a relation between phases).
         s["seq_len"] = prev["seq_len"] * LENGTH_FACTOR
         s["batch_size"] = max(1, prev["batch_size"] // LENGTH_FACTOR)
         s["micro_batch"] = max(1, prev["micro_batch"] // LENGTH_FACTOR)
-        s["lr"] = prev["lr"] * PHASE2_LR_FACTOR
+        s["lr"] = prev["lr"] * prev.get("later_lr_factor", EVERY_PRESET["later_lr_factor"])
+        s["weight_decay"] = prev["weight_decay"] * prev.get("later_weight_decay_factor", 1.0)
     s["tokens"] = int(prev["tokens"] * PAPER_TOKENS[phase] / PAPER_TOKENS[phase - 1])
     s["min_batch_size"] = s["batch_size"]  # batch-size warmup happens in phase 1 only
     return s
@@ -395,12 +411,19 @@ def lr_at(phase, tokens, peak, warmup_tokens, total_tokens):
 
 
 def batch_size_at(tokens, min_size, max_size, step_size, warmup_tokens):
-    """Batch-size warmup: min_size, min_size + step_size, ..., max_size, every size below max held
-    for an equal share of warmup_tokens (`tokens` = seen before the step)."""
+    """Batch-size warmup: min_size, min_size + step_size, ..., then max_size once warmup_tokens are
+    seen (`tokens` = seen before the step). As in the official packer, each size below the
+    maximum is held for a share of the warmup tokens in proportion to the size: the same number
+    of optimizer steps at every size, so the small early batches do not take most of the steps."""
     if tokens >= warmup_tokens or min_size >= max_size:
         return max_size
-    n_sizes = (max_size - min_size) // step_size  # sizes below the maximum
-    return min_size + step_size * int(tokens * n_sizes // warmup_tokens)
+    sizes = range(min_size, max_size, step_size)
+    tokens_per_unit, cumulative = warmup_tokens / sum(sizes), 0
+    for size in sizes:
+        cumulative += size
+        if tokens < math.ceil(tokens_per_unit * cumulative):  # the official thresholds, exactly
+            return size
+    return max_size
 
 
 # --------------------------------------------------------------------------- data: packing, masking
@@ -541,9 +564,8 @@ def forward_backward(model, micro_batches, world, autocast):
         last = i == len(micro_batches) - 1
         # all-reduce once, at the end
         with model.no_sync() if world > 1 and not last else nullcontext():
-            with autocast():
-                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)  # masked tokens only
-            loss = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
+            with autocast():  # the loss of this micro-batch's masked tokens, summed, computed once
+                _, loss = model(ids, cu_seqlens=cu_seqlens, labels=labels, reduction="sum")
             (loss * world / n_masked).backward()
         loss_sum += loss.detach()
     if world > 1:
@@ -557,7 +579,8 @@ class StableAdamW(torch.optim.Optimizer):
       moment, RMS(g / sqrt(v_hat)) > 1, the tensor's step shrinks by that RMS. It replaces
       gradient clipping; nothing else is clipped.
     - fully decoupled weight decay: p *= 1 - (lr_t / lr_max) * wd, which follows the schedule's
-      shape but not the LR's size (AdamW's lr_t * wd would tie the two together)."""
+      shape but not the LR's size (AdamW's lr_t * wd would tie the two together). lr_t is the
+      clipped step size, lr_t / max(1, RMS), as in optimi: a clipped tensor decays less too."""
 
     def __init__(self, params, lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5):
         super().__init__(params, dict(lr=lr, max_lr=lr, betas=betas, eps=eps,
@@ -580,8 +603,10 @@ class StableAdamW(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)       # v = b2 v + (1 - b2) g^2
                 m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
                 rms = (g * g / v_hat.clamp(min=eps ** 2)).mean().sqrt()
-                p.mul_(1 - lr / group["max_lr"] * group["weight_decay"])
-                p.sub_(m_hat / (v_hat.sqrt() + eps) * (lr / rms.clamp(min=1.0)))  # no host sync
+                clipped_lr = lr / rms.clamp(min=1.0)  # a tensor: no host sync
+                # optimi (and the official code) decay with the clipped step size too
+                p.mul_(1 - clipped_lr / group["max_lr"] * group["weight_decay"])
+                p.sub_(m_hat / (v_hat.sqrt() + eps) * clipped_lr)
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -603,9 +628,9 @@ def evaluate(model, evals, autocast, world):
     sums = torch.zeros(3, device=device)  # loss, correct, count (float32: MPS has no float64)
     for ids, cu_seqlens, labels in evals:
         with autocast():
-            logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)
+            logits, loss = model(ids, cu_seqlens=cu_seqlens, labels=labels, reduction="sum")
         target = labels[labels != -100]
-        sums += torch.stack([F.cross_entropy(logits.float(), target, reduction="sum"),
+        sums += torch.stack([loss,
                              (logits.argmax(-1) == target).sum().float(),
                              torch.tensor(len(target), device=device).float()])
     if world > 1:
@@ -657,8 +682,12 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch each raise their own kind for a foreign file
-        raise ValueError(f"{path!r} is not a model checkpoint, or is corrupted "
-                         f"({type(e).__name__}: {e})")
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "Unsupported global" in str(e):  # not torch's advice, which says to retry unsafely
+            why = "it holds Python objects beyond tensors and plain containers, which could run code"
+        elif "weights_only" in str(e):
+            why = "not a file torch.save wrote"
+        raise ValueError(f"{path!r} is not a model checkpoint, or is corrupted ({type(e).__name__}: {why})")
     if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
         raise ValueError(f"{path!r} is not a model checkpoint: no 'config' and 'model' entries")
     state = {}
@@ -730,7 +759,9 @@ def tile_state_dict(old_state, old_config, new_model):
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
             source = f"layers.{depth[int(i)]}.{rest}"
-        if source not in old_state:  # old layer 0 has no attn_norm: keep the fresh one (ones)
+        # Kept fresh (ones): old layer 0's missing attn_norm, and the final norm, which the
+        # official code does not tile either.
+        if source not in old_state or name.startswith("final_norm."):
             new_state[name] = target
             continue
         parts = (3 if name.endswith("attn.Wqkv.weight")
@@ -797,7 +828,7 @@ def speed_setup(device, dtype, compile_flag):
 # ----------------------------------------------------------------------------- the command line
 
 def get_args(argv):
-    p = argparse.ArgumentParser(description="ModernBERT's three-phase MLM pretraining. "
+    p = argparse.ArgumentParser(prog="train.py", description="ModernBERT's three-phase MLM pretraining. "
                                             "Run --phase 1, 2, 3 in turn.")
     p.add_argument("--phase", type=int, choices=[1, 2, 3], default=1,
                    help="1: pretrain at the base length; 2: context extension (8x length, "
@@ -826,7 +857,7 @@ def get_args(argv):
     g.add_argument("--seq_len", type=int, help="row length in tokens (phase 2: 8x phase 1's)")
     g.add_argument("--tokens", type=count,
                    help="token budget of the phase (phases 2, 3: the paper's proportions)")
-    g.add_argument("--lr", type=float, help="peak learning rate (phases 2, 3: 3/8 of phase 1's)")
+    g.add_argument("--lr", type=float, help="peak learning rate (phases 2, 3: phase 1's x 3/8, large's x 1/10)")
     g.add_argument("--warmup_tokens", type=count, help="phase 1: linear LR warmup, in tokens")
     g.add_argument("--batch_size", type=int,
                    help="global batch in sequences (phase 2: phase 1's / 8)")
@@ -860,7 +891,43 @@ def get_args(argv):
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the MLPs; auto: on for CUDA, not on Windows "
                         "(default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every numeric flag in its range, before anything is read, trained or written: argparse's
+    one-line error and exit status 2. (Settings that come from a checkpoint are checked against
+    the merged values in phase_settings.)"""
+    at_least = dict(seq_len=16, tokens=1, batch_size=1, min_batch_size=1, micro_batch=1, eval_every=1,
+                    eval_tokens=1, ckpt_every=1, max_steps=0, warmup_tokens=0, batch_warmup_tokens=0,
+                    **{key: 1 for key in MODEL_KEYS})
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            why = " (a row holds [CLS] ... [SEP] and tokens to mask)" if key == "seq_len" else ""
+            p.error(f"--{key} must be at least {low}{why}, got {value}")
+    for key, ok, rule in [("lr", lambda v: v > 0, "positive"), ("weight_decay", lambda v: v >= 0, "at least 0"),
+                          ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+                          ("mask_rate", lambda v: 0 < v < 1, "in (0, 1)")]:
+        value = getattr(args, key)
+        if value is not None and not ok(value):
+            p.error(f"--{key} must be {rule}, got {value}")
+    if args.batch_size and args.micro_batch and args.micro_batch > args.batch_size:
+        p.error(f"--micro_batch {args.micro_batch} is larger than --batch_size {args.batch_size}")
+    if args.batch_size and args.min_batch_size and args.min_batch_size > args.batch_size:
+        p.error(f"--min_batch_size {args.min_batch_size} is larger than --batch_size {args.batch_size}")
+    shape = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
+    try:  # a model shape that cannot exist (heads that do not divide d_model, an odd window, ...)
+        config_for(args.model or TRAIN_PRESETS[args.preset]["model"], **shape)
+    except ValueError as e:
+        p.error(str(e))
+    if args.device != "auto":
+        kind = args.device.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps") or (kind == "cuda" and not torch.cuda.is_available()) or (
+                kind == "mps" and not torch.backends.mps.is_available()):
+            p.error(f"--device {args.device} is not available here (cpu, cuda, mps or auto)")
 
 
 if __name__ == "__main__":
