@@ -37,7 +37,7 @@ WORKLOADS = ["short_fixed", "short_var", "long_fixed", "long_var", "train"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=PRESETS, default="base", help="modernbert.py's model preset (default: base)")
     p.add_argument("--layers", type=int, default=6, help="depth (base has 22); 6 keeps 1 global in 3")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
@@ -55,7 +55,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory_probe", nargs=3, metavar=("IMPL", "WORKLOAD", "DIR"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key in ["layers", "short_batch", "long_batch", "train_batch", "repeat", "threads"]:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
+    for key in ["short_len", "long_len"]:  # lengths are drawn and clipped to [16, len]
+        if getattr(args, key) < 16:
+            p.error(f"--{key} must be at least 16, got {getattr(args, key)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be at least 0, got {args.warmup}")
+    return args
 
 
 def pick_dtype(name, device):

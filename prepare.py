@@ -224,7 +224,7 @@ def load_split(data_dir, split):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Turn a text/code corpus into token files for train.py. "
+    parser = argparse.ArgumentParser(prog="prepare.py", description="Turn a text/code corpus into token files for train.py. "
                                      "Default corpus: the *.py sources of this Python's standard library.")
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="files, directories (recursed, hidden entries skipped) or globs; one document per file")
@@ -242,6 +242,8 @@ def main(argv=None):
         parser.error(f"--vocab_size must be a multiple of 64 and at least 320, got {args.vocab_size}")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.val_chars < 1:
+        parser.error(f"--val_chars must be at least 1, got {args.val_chars}")
 
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # fail fast, before reading
     if args.input:

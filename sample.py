@@ -264,7 +264,7 @@ def show(text, width=200):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fill [MASK] tokens with a trained ModernBERT, or embed texts.")
+    parser = argparse.ArgumentParser(prog="sample.py", description="Fill [MASK] tokens with a trained ModernBERT, or embed texts.")
     parser.add_argument("--init_from", metavar="PATH", help="ckpt.pt, its directory, a run directory, or a Hugging "
                         f"Face ModernBERT directory (default: newest {DEFAULT_RUN_DIR}/phase*/ckpt.pt)")
     parser.add_argument("--text", action="append", help="a prompt; repeat for more")
