@@ -146,10 +146,15 @@ def test_loading_a_mismatched_checkpoint_names_the_tensor(tmp_path):
 
 # Every switch at BERT's (config_for("bert-base")) at test sizes: d_ff not 4 x d_model, an odd
 # head_dim (15: fine without RoPE), the position table exactly as long as the longest test document.
+# Weights at std 0.2, not 0.02: attention far from uniform and GELU inputs on its curved part, so
+# that q and k swapped, or GELU's tanh approximation, move the logits by more than 1e-4.
 BERT_CONFIGS = {
-    "bert_narrow": config_for("bert-base", vocab_size=200, n_layers=3, d_model=64, n_heads=4, d_ff=96, max_seq_len=80),
+    "bert_narrow": config_for("bert-base", vocab_size=200, n_layers=3, d_model=64, n_heads=4, d_ff=96, max_seq_len=80,
+                              init_std=0.2),
     "bert_odd_head_dim": config_for("bert-base", vocab_size=150, n_layers=2, d_model=60, n_heads=4, d_ff=50,
-                                    max_seq_len=80, norm_eps=1e-5),
+                                    max_seq_len=80, norm_eps=1e-5, init_std=0.2),
+    "bert_deep_4x": config_for("bert-base", vocab_size=96, n_layers=5, d_model=96, n_heads=3, d_ff=384, max_seq_len=96,
+                               init_std=0.2, pad_id=1),
 }
 BERT_LENGTHS = [1, 5, 80, 33, 2]
 
@@ -158,7 +163,7 @@ def bert_config_for_transformers(c, **extra):
     return transformers.BertConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
                                    num_attention_heads=c.n_heads, intermediate_size=c.d_ff,
                                    max_position_embeddings=c.max_seq_len, layer_norm_eps=c.norm_eps,
-                                   pad_token_id=c.pad_id, **extra)
+                                   initializer_range=c.init_std, pad_token_id=c.pad_id, **extra)
 
 
 def assert_same_logits_as_transformers(ours, hf, seed):
