@@ -414,8 +414,8 @@ class ModernBERT(nn.Module):
         # "Megatron" init: truncated normal (cut at 2 std) with std 0.02, and the two projections
         # that write into the residual stream (attention Wo, MLP Wo) scaled by 1/sqrt(2 n_layers)
         # so the residual's variance does not grow with depth. The head's dense layer keeps 0.02,
-        # as in the official pretraining code (transformers' port scales it like Wo). Norms start
-        # at one, the decoder bias at zero.
+        # as in the official pretraining code (transformers' port scales it like Wo). Norm weights
+        # start at one, every bias at zero.
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
