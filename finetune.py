@@ -299,6 +299,8 @@ def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokeniz
         optimizer.load_state_dict(resumed["optimizer"])
         step, position = resumed["step"], resumed["position"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(tokenizer_file, os.path.join(out_dir, "tokenizer.json"))  # sample.py loads ckpt.pt with it
 
     def checkpoint(finished):
         save_checkpoint(ckpt_path, {"config": asdict(model.config), "model": model.state_dict(),
@@ -329,7 +331,6 @@ def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokeniz
         if step % ckpt_every == 0 and step < s["steps"]:
             checkpoint(finished=False)
     bar.close()
-    shutil.copy(tokenizer_file, os.path.join(out_dir, "tokenizer.json"))
     export_hf(model, out_dir, tokenizer_file)
     checkpoint(finished=True)  # last, so a finished checkpoint implies the export is there
 
@@ -337,7 +338,7 @@ def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokeniz
 # ----------------------------------------------------------------------------- main
 
 def get_args(argv):
-    p = argparse.ArgumentParser(description="Fine-tune ModernBERT for code search (docstring -> function) and "
+    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune ModernBERT for code search (docstring -> function) and "
                                 "compare it with BM25 and with itself before fine-tuning, on held-out files.")
     p.add_argument("--init_from", metavar="PATH", help="our ckpt.pt, its directory, a run directory (newest phase), or "
                    f"a Hugging Face ModernBERT directory (default: newest {sample.DEFAULT_RUN_DIR}/phase*/ckpt.pt)")
