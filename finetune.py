@@ -337,51 +337,53 @@ def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokeniz
 
 # ----------------------------------------------------------------------------- main
 
+SETTING_HELP = {
+    "steps": "optimizer steps", "batch_size": "pairs per step; the other pairs' functions are the negatives",
+    "lr": "peak learning rate (StableAdamW)", "warmup": "share of the steps with a rising LR, then linear decay to 0",
+    "weight_decay": "decoupled weight decay", "temperature": "of the cosine similarities (sentence-transformers' "
+    "scale = 1 / temperature)", "pool": "embedding: the mean of the final states, or the [CLS] state",
+    "max_query_tokens": "queries are cut to this", "max_doc_tokens": "functions are cut to this",
+    "min_query_words": "shorter docstrings are dropped", "seed": "seed of the data order"}
+CHECKS = {  # flag: (test, what it must be)
+    "steps": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 2, "at least 2 (the negatives)"),
+    "lr": (lambda v: v > 0, "positive"), "temperature": (lambda v: v > 0, "positive"),
+    "warmup": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "max_query_tokens": (lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
+    "max_doc_tokens": (lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
+    "min_query_words": (lambda v: v >= 1, "at least 1"), "ckpt_every": (lambda v: v >= 1, "at least 1")}
+
+
 def get_args(argv):
-    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune ModernBERT for code search (docstring -> function) and "
-                                "compare it with BM25 and with itself before fine-tuning, on held-out files.")
-    p.add_argument("--init_from", metavar="PATH", help="our ckpt.pt, its directory, a run directory (newest phase), or "
-                   f"a Hugging Face ModernBERT directory (default: newest {sample.DEFAULT_RUN_DIR}/phase*/ckpt.pt)")
+    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune ModernBERT for code search "
+                                "(docstring -> function); compare with BM25 and zero-shot on held-out files.")
+    p.add_argument("--init_from", metavar="PATH", help="our ckpt.pt, its directory, a run directory (newest phase), "
+                   f"or a Hugging Face ModernBERT directory (default: newest {sample.DEFAULT_RUN_DIR}/phase*/ckpt.pt)")
     p.add_argument("--compare", metavar="PATH", action="append", default=[],
                    help="another model, fine-tuned the same way into OUT/compareN and added to the table; repeatable")
-    p.add_argument("--data", default="data/stdlib", help="prepare.py's output; its split picks the files (default: %(default)s)")
-    p.add_argument("--out", default="out/finetune", help="ckpt.pt, tokenizer.json, hf/, results.json (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (a finished one is only evaluated)")
+    p.add_argument("--data", default="data/stdlib", help="prepare.py's output, whose split picks the files "
+                   "(default: %(default)s)")
+    p.add_argument("--out", default="out/finetune", help="ckpt.pt, tokenizer.json, hf/, results.json "
+                   "(default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (a finished one is only evaluated)")
     p.add_argument("--overwrite", action="store_true", help="start over even if OUT/ckpt.pt exists")
-    g = p.add_argument_group("fine-tuning (defaults in brackets; --resume keeps the checkpoint's)")
-    g.add_argument("--steps", type=int, help=f"optimizer steps [{DEFAULTS['steps']}]")
-    g.add_argument("--batch_size", type=int, help=f"pairs per step; the others' documents are the negatives [{DEFAULTS['batch_size']}]")
-    g.add_argument("--lr", type=float, help=f"peak learning rate [{DEFAULTS['lr']}]")
-    g.add_argument("--warmup", type=float, help=f"share of the steps with a rising LR; then linear decay to 0 [{DEFAULTS['warmup']}]")
-    g.add_argument("--weight_decay", type=float, help=f"StableAdamW's decoupled weight decay [{DEFAULTS['weight_decay']}]")
-    g.add_argument("--temperature", type=float, help=f"of the cosine similarities; sentence-transformers' scale = 1/temperature [{DEFAULTS['temperature']}]")
-    g.add_argument("--pool", choices=["mean", "cls"], help=f"embedding: mean of the final states, or [CLS]'s [{DEFAULTS['pool']}]")
-    g.add_argument("--max_query_tokens", type=int, help=f"queries are cut to this [{DEFAULTS['max_query_tokens']}]")
-    g.add_argument("--max_doc_tokens", type=int, help=f"functions are cut to this [{DEFAULTS['max_doc_tokens']}]")
-    g.add_argument("--min_query_words", type=int, help=f"shorter docstrings are dropped [{DEFAULTS['min_query_words']}]")
-    g.add_argument("--seed", type=int, help=f"seed of the data order [{DEFAULTS['seed']}]")
+    g = p.add_argument_group("fine-tuning (--resume keeps the checkpoint's)")
+    for key, text in SETTING_HELP.items():
+        g.add_argument(f"--{key}", type=type(DEFAULTS[key]), choices=["mean", "cls"] if key == "pool" else None,
+                       help=f"{text} (default: {DEFAULTS[key]})")
     g = p.add_argument_group("running")
     g.add_argument("--ckpt_every", type=int, default=100, help="steps between checkpoints (default: %(default)s)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast; auto: where a bf16 matmul measures faster (default: %(default)s)")
     g.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
-    positive = ["steps", "max_query_tokens", "max_doc_tokens", "min_query_words", "ckpt_every"]
-    for key in positive:
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
-    for key, ok, want in [("batch_size", lambda v: v >= 2, "at least 2 (the other pairs are the negatives)"),
-                          ("lr", lambda v: v > 0, "positive"), ("temperature", lambda v: v > 0, "positive"),
-                          ("warmup", lambda v: 0 <= v < 1, "in [0, 1)"), ("weight_decay", lambda v: v >= 0, "0 or more"),
-                          ("max_query_tokens", lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
-                          ("max_doc_tokens", lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])")]:
+    for key, (ok, want) in CHECKS.items():
         value = getattr(args, key)
-        if value is not None and not (ok(value) and math.isfinite(value)):
+        if value is not None and not (math.isfinite(value) and ok(value)):
             p.error(f"--{key} must be {want}, got {value}")
     if args.resume and args.overwrite:
         p.error("--resume continues a run, --overwrite starts it over: pick one")
-    if args.device and args.device != "cpu" and not {"cuda": torch.cuda.is_available(),
-                                                     "mps": torch.backends.mps.is_available()}[args.device]:
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if args.device and not available[args.device]:
         p.error(f"--device {args.device} is not available on this machine")
     return args
 
@@ -416,7 +418,29 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test, bf16, ckpt_every):
+    """The table's two rows for one model: as pretrained (zero-shot), then fine-tuned (now, or
+    from a finished checkpoint in out_dir)."""
+    for block in model.layers:  # no dropout: Hugging Face's default for fine-tuning, and --resume stays exact
+        block.attn.out_drop.p = 0.0
+    model.config.attn_out_dropout = 0.0
+    rows = []
+    for name in ("zero-shot", "fine-tuned"):
+        start = time.perf_counter()
+        if name == "fine-tuned" and resumed and resumed["finished"]:
+            model.load_state_dict(resumed["model"])
+        elif name == "fine-tuned":
+            tokenizer_file = os.path.join(source if os.path.isdir(source) else os.path.dirname(source), "tokenizer.json")
+            finetune(model, tokenizer, train, s, out_dir, resumed, bf16, source, tokenizer_file, ckpt_every)
+        metrics = evaluate(model, tokenizer, test, s, bf16, name)
+        rows.append({"name": f"{source} {name}", "metrics": metrics, "seconds": time.perf_counter() - start})
+        tqdm.write(f"{rows[-1]['name']}: MRR@10 {metrics['MRR@10']:.3f}, {rows[-1]['seconds']:.0f} s")
+    rows[-1].update(out=out_dir, settings=s)
+    return rows
+
+
 def main(argv=None):
+    began = time.perf_counter()
     args = get_args(argv)
     device = args.device or sample.pick_device()
     # Every check first (paths, data, models, checkpoints), so bad input writes nothing.
@@ -447,28 +471,14 @@ def main(argv=None):
     rows = [{"name": "BM25", "metrics": retrieval_metrics(gold_ranks(bm25_scores(
         [p["query"] for p in test], [p["code"] for p in test]))), "seconds": time.perf_counter() - start}]
     for source, (s, resumed), out_dir, (model, tokenizer, _) in zip(sources, runs, out_dirs, models):
-        for block in model.layers:  # no dropout: HF's default for fine-tuning, and --resume stays exact
-            block.attn.out_drop.p = 0.0
-        model.config.attn_out_dropout = 0.0
-        start = time.perf_counter()
-        rows.append({"name": f"{source} zero-shot", "metrics": evaluate(model, tokenizer, test, s, bf16, "zero-shot"),
-                     "seconds": time.perf_counter() - start})
-        tqdm.write(f"{rows[-1]['name']}: MRR@10 {rows[-1]['metrics']['MRR@10']:.3f}")
-        start = time.perf_counter()
-        os.makedirs(out_dir, exist_ok=True)
-        tokenizer_file = os.path.join(source if os.path.isdir(source) else os.path.dirname(source), "tokenizer.json")
-        if resumed and resumed["finished"]:
-            model.load_state_dict(resumed["model"])
-        else:
-            finetune(model, tokenizer, train, s, out_dir, resumed, bf16, source, tokenizer_file, args.ckpt_every)
-        rows.append({"name": f"{source} fine-tuned", "metrics": evaluate(model, tokenizer, test, s, bf16, "fine-tuned"),
-                     "seconds": time.perf_counter() - start, "out": out_dir, "settings": s})
-        tqdm.write(f"{rows[-1]['name']}: MRR@10 {rows[-1]['metrics']['MRR@10']:.3f}")
+        rows += before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test, bf16, args.ckpt_every)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"train_pairs": len(train), "test_pairs": len(test), "bf16": bf16, "rows": rows}, f, indent=2)
+        json.dump({"train_pairs": len(train), "test_pairs": len(test), "bf16": bf16, "rows": rows,
+                   "wall_seconds": time.perf_counter() - began}, f, indent=2)
     print("\n" + markdown_table(rows))
-    print(f"\n(seconds: BM25 indexing and scoring; zero-shot: embedding the test set; fine-tuned: training "
-          f"and embedding) -> {args.out}/")
+    print(f"\nseconds: BM25 indexing and scoring; zero-shot: embedding the test set; fine-tuned: training and "
+          f"embedding. Wall time {time.perf_counter() - began:.0f} s in all -> {args.out}/")
     return rows
 
 

@@ -208,14 +208,14 @@ def test_finetune_runs_resumes_exactly_and_exports(setup, tmp_path, monkeypatch)
 def test_main_prints_the_table(setup, tmp_path, capsys):
     out = tmp_path / "ft"
     rows = finetune.main(["--init_from", setup["ckpt"], "--data", setup["data"], "--out", str(out), "--steps", "2",
-                          "--batch_size", "4", "--max_doc_tokens", "48"])
+                          "--batch_size", "4", "--max_doc_tokens", "48", "--dtype", "fp32"])
     assert [r["name"] for r in rows] == ["BM25", f"{setup['ckpt']} zero-shot", f"{setup['ckpt']} fine-tuned"]
     printed = capsys.readouterr().out
     assert "| BM25 |" in printed and "| model | MRR@10 | NDCG@10 | Recall@1 | Recall@10 | seconds |" in printed
     assert json.loads((out / "results.json").read_text())["rows"][2]["metrics"] == rows[2]["metrics"]
     # The fine-tuned model is a model sample.py loads; --resume of a finished run only evaluates.
     sample.load_model(str(out), "cpu")
-    again = finetune.main(["--init_from", setup["ckpt"], "--data", setup["data"], "--out", str(out), "--resume"])
+    again = finetune.main(["--init_from", setup["ckpt"], "--data", setup["data"], "--out", str(out), "--resume", "--dtype", "fp32"])
     assert again[2]["metrics"] == rows[2]["metrics"]
 
 
