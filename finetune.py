@@ -26,6 +26,7 @@ import re
 import shutil
 import textwrap
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -71,12 +72,12 @@ def code_functions(text, strip_docstrings=False):
     """Every function and method of a Python source, in order: dicts with "name", "line" (of the
     def, or its first decorator), "docstring" (cleaned, None if it has none), "body" (statements
     after the docstring) and "code" (the source, dedented; with strip_docstrings, every docstring
-    inside it, nested ones too, is cut out). [] for a file that does not parse (the stdlib's test
-    data holds some Python 2)."""
+    inside it, nested ones too, is cut out). None for a file that does not parse (the stdlib's
+    test data holds some Python 2)."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
-        return []
+        return None
     lines = [line.encode() for line in text.splitlines(keepends=True)]  # ast columns count UTF-8 bytes
     found = []
     for node in definitions(tree):
@@ -118,8 +119,8 @@ def file_pairs(paths, root, min_words, desc):
     for path in tqdm(paths, desc=desc, unit="file", leave=False):
         text = Path(path).read_text(encoding="utf-8")
         functions = code_functions(text, strip_docstrings=True)
-        counts["unparsable"] += not functions and "def " in text and not parses(text)
-        for f in functions:
+        counts["unparsable"] += functions is None
+        for f in functions or []:
             if f["docstring"] is None:
                 continue
             counts["with_docstring"] += 1
@@ -131,28 +132,13 @@ def file_pairs(paths, root, min_words, desc):
             else:
                 found.append({"query": query, "code": f["code"], "file": os.path.relpath(path, root),
                               "line": f["line"], "name": f["name"]})
-    query_n = count_of(p["query"].lower() for p in found)
-    code_n = count_of(" ".join(p["code"].split()) for p in found)
+    query_n = Counter(p["query"].lower() for p in found)
+    code_n = Counter(" ".join(p["code"].split()) for p in found)
     pairs = [p for p in found if query_n[p["query"].lower()] == 1 and code_n[" ".join(p["code"].split())] == 1]
     counts["duplicate_query"] = sum(n for n in query_n.values() if n > 1)
     counts["duplicate_code"] = len(found) - len(pairs) - counts["duplicate_query"]  # the rest of the drops
     counts["pairs"] = len(pairs)
     return pairs, counts
-
-
-def parses(text):
-    try:
-        ast.parse(text)
-        return True
-    except (SyntaxError, ValueError):
-        return False
-
-
-def count_of(keys):
-    counts = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    return counts
 
 
 def load_pairs(data_dir, min_words):

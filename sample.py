@@ -306,7 +306,7 @@ def search_code(model, tokenizer, model_path, directory, query, top_k=5, pool="m
             continue
         try:
             with open(path, encoding="utf-8") as f:
-                functions = code_functions(f.read())
+                functions = code_functions(f.read()) or []  # None: not Python that parses
         except (OSError, UnicodeDecodeError):  # not text we can read: no functions to find there
             functions = []
         fresh[key] = {"stamp": [st.st_mtime_ns, st.st_size], "functions": [[f["name"], f["line"]] for f in functions]}

@@ -132,10 +132,11 @@ def test_bm25_words_split_identifiers():
 
 def test_docstrings_are_absent_from_every_document(tmp_path):
     (tmp_path / "tricky.py").write_text(TRICKY)
-    pairs, counts = finetune.file_pairs([tmp_path / "tricky.py"], tmp_path, min_words=3, desc=None)
+    (tmp_path / "py2.py").write_text('def old(x):\n    """Print it the old way, please."""\n    print x\n')
+    pairs, counts = finetune.file_pairs([tmp_path / "tricky.py", tmp_path / "py2.py"], tmp_path, 3, desc=None)
     by_name = {p["name"]: p for p in pairs}
     assert sorted(by_name) == ["decorated", "fetch", "inner", "method", "plain"]
-    assert counts["only_docstring"] == 1 and counts["with_docstring"] == 6
+    assert counts["only_docstring"] == 1 and counts["with_docstring"] == 6 and counts["unparsable"] == 1
     assert by_name["plain"]["query"] == "Add two numbers together."
     assert by_name["decorated"]["code"].startswith("@functools.lru_cache()\ndef decorated(n):\n")
     for p in pairs:
