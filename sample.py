@@ -279,17 +279,11 @@ def python_files(directory):
     return found
 
 
-def search_code(model, tokenizer, model_path, directory, query, top_k=5, pool="mean", cache_path=None,
-                batch_tokens=8192):
-    """The top_k functions of the *.py files under directory (hidden folders skipped) for a query,
-    best first: (cosine, file, line, name). Each function is embedded from its whole source,
-    docstring included. cache_path keeps the embeddings per file, keyed by the model and each
-    file's mtime and size, so a second search embeds only what changed."""
+def function_embeddings(model, tokenizer, model_path, files, pool, cache_path, batch_tokens):
+    """([(file, name, line)], (n_functions, d_model) embeddings) of every function in files, each
+    embedded from its whole source, docstring included. cache_path keeps them per file, keyed by
+    the model and the file's mtime and size, so a second search embeds only what changed."""
     from finetune import DEFAULTS, code_functions, embed_texts  # not at the top: finetune imports sample
-    from train import save_checkpoint
-    if not query.strip():
-        raise SampleError("--search is empty")
-    files = python_files(directory)
     model_key = f"{os.path.abspath(model_path)}:{os.stat(model_path).st_mtime_ns}:{pool}"
     cache = {"model": model_key, "files": {}}
     if cache_path and os.path.exists(cache_path):
@@ -309,7 +303,8 @@ def search_code(model, tokenizer, model_path, directory, query, top_k=5, pool="m
                 functions = code_functions(f.read()) or []  # None: not Python that parses
         except (OSError, UnicodeDecodeError):  # not text we can read: no functions to find there
             functions = []
-        fresh[key] = {"stamp": [st.st_mtime_ns, st.st_size], "functions": [[f["name"], f["line"]] for f in functions]}
+        fresh[key] = {"stamp": [st.st_mtime_ns, st.st_size], "functions": [[f["name"], f["line"]] for f in functions],
+                      "embeddings": torch.zeros(0)}
         todo += [(key, f["code"]) for f in functions]
     if todo:
         embeddings = embed_texts(model, tokenizer, [code for _, code in todo], DEFAULTS["max_doc_tokens"], pool,
@@ -318,16 +313,28 @@ def search_code(model, tokenizer, model_path, directory, query, top_k=5, pool="m
             fresh[key]["embeddings"] = embeddings[[i for i, (k, _) in enumerate(todo) if k == key]]
     found = [(key, name, line) for key in fresh for name, line in fresh[key]["functions"]]
     if not found:
-        raise SampleError(f"no Python functions in {len(files)} *.py files under {directory!r}")
+        raise SampleError(f"no Python functions in the {len(files)} *.py files of --in")
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        from train import save_checkpoint  # atomic: tmp, fsync, rename
         save_checkpoint(cache_path, {"model": model_key, "files": fresh})
-    docs = torch.cat([fresh[key]["embeddings"] for key in fresh if fresh[key]["functions"]])  # (n_functions, d)
+    return found, torch.cat([fresh[key]["embeddings"] for key in fresh if fresh[key]["functions"]])
+
+
+def search_code(model, tokenizer, model_path, directory, query, top_k=5, pool="mean", cache_path=None,
+                batch_tokens=8192):
+    """The top_k functions of the *.py files under directory (hidden folders skipped) for a query,
+    best first: (cosine, file, line, name)."""
+    from finetune import DEFAULTS, embed_texts
+    if not query.strip():
+        raise SampleError("--search is empty")
+    found, docs = function_embeddings(model, tokenizer, model_path, python_files(directory), pool, cache_path,
+                                      batch_tokens)                             # docs: (n_functions, d_model)
     q = embed_texts(model, tokenizer, [query], DEFAULTS["max_query_tokens"], pool, batch_tokens=batch_tokens)
-    scores = (F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T)[0]
+    scores = (F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T)[0]         # (n_functions,)
     top = scores.topk(min(top_k, len(found)))
-    return [(s, os.path.relpath(found[i][0]), found[i][2], found[i][1]) for s, i in zip(top.values.tolist(),
-                                                                                        top.indices.tolist())]
+    return [(score, os.path.relpath(found[i][0]), found[i][2], found[i][1])
+            for score, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
 # ----------------------------------------------------------------------------- main
@@ -427,7 +434,7 @@ def main(argv=None):
 def search_main(args):
     init_from = args.init_from
     if init_from is None and os.path.isfile(os.path.join("out", "finetune", "ckpt.pt")):
-        init_from = os.path.join("out", "finetune")  # a model fine-tuned for search beats a pretrained one
+        init_from = os.path.join("out", "finetune")  # fine-tuned for search, so the better default
     try:
         python_files(args.search_in)  # a wrong --in fails before a model is loaded
         path = find_model(init_from)

@@ -278,7 +278,7 @@ def test_errors_are_one_line_and_write_nothing(setup, tmp_path, capsys):
     assert not out.exists()
     # sample.py --search: a wrong --in, a directory with no functions; no cache written.
     cache = tmp_path / "cache.pt"
-    for where, message in [(tmp_path / "nowhere", "cannot read --in"), (tmp_path / "bare_data", "no Python functions")]:
+    for where, message in [(tmp_path / "nowhere", "cannot read --in"), (tmp_path / "bare_data", "no Python functions in the 0 *.py files")]:
         with pytest.raises(SystemExit) as e:
             sample.main(["--init_from", setup["ckpt"], "--search", "x", "--in", str(where), "--cache", str(cache)])
         assert e.value.code.startswith("sample.py: error: ") and message in e.value.code
