@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 SPECIAL_TOKENS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]
 DEFAULT_OUT = "data/stdlib"
+VAL_FRACTION, VAL_CHARS = 0.05, 1_200_000  # the split's defaults, also for meta.json files that predate them
 
 
 def fail(message):
@@ -56,7 +57,7 @@ def input_files(inputs):
     for arg in inputs:
         matches = glob.glob(arg, recursive=True) if glob.has_magic(arg) else [arg]
         if not matches:
-            fail(f"no file or directory matches {arg!r}")
+            raise FileNotFoundError(f"no file or directory matches {arg!r}")
         for m in map(Path, matches):
             if m.is_dir():
                 files.update(p for p in m.rglob("*") if p.is_file()
@@ -64,13 +65,14 @@ def input_files(inputs):
             elif m.is_file():
                 files.add(m)
             else:
-                fail(f"no such file or directory: {str(m)!r}")
+                raise FileNotFoundError(f"no such file or directory: {str(m)!r}")
     return sorted(files)
 
 
 def read_documents(files):
-    """One document per file. Empty and non-UTF-8 (or binary) files are skipped and counted."""
-    docs, skipped = [], {"empty": 0, "undecodable": 0}
+    """One document per file, and the file it came from. Empty and non-UTF-8 (or binary) files are
+    skipped and counted."""
+    docs, kept, skipped = [], [], {"empty": 0, "undecodable": 0}
     for path in tqdm(files, desc="reading", unit="file"):
         try:
             text = path.read_bytes().decode("utf-8")
@@ -83,23 +85,30 @@ def read_documents(files):
             skipped["empty"] += 1
         else:
             docs.append(text)
-    return docs, skipped
+            kept.append(path)
+    return docs, kept, skipped
 
 
 # ----------------------------------------------------------------------------- splitting
 
-def split_train_val(docs, val_fraction, val_chars, seed):
-    """Whole documents go to val, in a seeded random order, until val holds
-    min(val_fraction of the corpus, val_chars) characters. Both splits keep file order."""
-    target = min(val_fraction * sum(map(len, docs)), val_chars)
-    order = list(range(len(docs)))
+def val_indices(lengths, val_fraction, val_chars, seed):
+    """Which documents (by index) go to val: whole documents, in a seeded random order, until val
+    holds min(val_fraction of the corpus, val_chars) characters."""
+    target = min(val_fraction * sum(lengths), val_chars)
+    order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     val, size = set(), 0
     for i in order[:-1]:  # the last one always stays in train
         if val and size >= target:
             break
         val.add(i)
-        size += len(docs[i])
+        size += lengths[i]
+    return val
+
+
+def split_train_val(docs, val_fraction, val_chars, seed):
+    """(train_docs, val_docs), split by val_indices. Both splits keep file order."""
+    val = val_indices([len(d) for d in docs], val_fraction, val_chars, seed)
     train_docs = [d for i, d in enumerate(docs) if i not in val]
     val_docs = [d for i, d in enumerate(docs) if i in val]
     return train_docs, val_docs
@@ -221,6 +230,40 @@ def load_split(data_dir, split):
     return tokens, offsets
 
 
+def split_files(data_dir):
+    """(train files, val files) of a prepared directory, each in file order: the corpus is listed
+    and read again as prepare.py did, val is meta.json's val_files (or, for a directory prepared
+    before those were recorded, the seeded split redone), and the result must match meta.json's
+    document and character counts. ValueError, one line, when it cannot be reproduced."""
+    meta = load_meta(data_dir)
+    source = meta.get("source", "")
+    try:
+        if meta.get("inputs"):
+            files = input_files(meta["inputs"])
+        elif " stdlib: " in source:
+            files, now = stdlib_files()
+            if now != source:
+                raise ValueError(f"{data_dir} was prepared from {source}, this Python's is {now}")
+        else:  # a directory prepared before "inputs" was recorded: the --input arguments, space-joined
+            files = input_files(source.split(" "))
+    except FileNotFoundError as e:
+        raise ValueError(f"cannot list the corpus of {data_dir} again: {e}")
+    docs, paths, _ = read_documents(files)
+    if "val_files" in meta:
+        val_paths = {os.path.join(meta["root"], f) for f in meta["val_files"]}
+        val = {i for i, p in enumerate(paths) if os.path.abspath(p) in val_paths}
+    else:
+        val = val_indices([len(d) for d in docs], meta.get("val_fraction", VAL_FRACTION),
+                          meta.get("val_chars", VAL_CHARS), meta["seed"])
+    for split, members in (("train", set(range(len(docs))) - val), ("val", val)):
+        found = {"docs": len(members), "chars": sum(len(docs[i]) for i in members)}
+        want = {k: meta["splits"][split][k] for k in found}
+        if found != want:
+            raise ValueError(f"cannot reproduce the {split} split of {data_dir}: the corpus ({source}) now gives "
+                             f"{found}, meta.json says {want}; run prepare.py again")
+    return [p for i, p in enumerate(paths) if i not in val], [p for i, p in enumerate(paths) if i in val]
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -232,9 +275,9 @@ def main(argv=None):
     parser.add_argument("--tokenizer", metavar="FILE", help="reuse this tokenizer.json instead of training one")
     parser.add_argument("--vocab_size", type=int, default=8192,
                         help="vocabulary of the trained tokenizer, a multiple of 64 (default: %(default)s)")
-    parser.add_argument("--val_fraction", type=float, default=0.05,
+    parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
                         help="share of the corpus (in characters) held out for val (default: %(default)s)")
-    parser.add_argument("--val_chars", type=int, default=1_200_000,
+    parser.add_argument("--val_chars", type=int, default=VAL_CHARS,
                         help="but never more than this many characters, ~300k tokens of code (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -246,19 +289,24 @@ def main(argv=None):
         parser.error(f"--val_chars must be at least 1, got {args.val_chars}")
 
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # fail fast, before reading
-    if args.input:
-        files, source = input_files(args.input), " ".join(args.input)
-    else:
-        files, source = stdlib_files()
+    try:
+        files, source = (input_files(args.input), " ".join(args.input)) if args.input else stdlib_files()
+    except FileNotFoundError as e:
+        fail(f"{e}")
     looked_at = f"{len(files)} files from {source}"
     if not files:
         fail(f"no input files in {source}")
-    docs, skipped = read_documents(files)
+    docs, paths, skipped = read_documents(files)
     if len(docs) < 2:
         fail(f"need at least 2 non-empty UTF-8 documents to split into train "
                  f"and val, found {len(docs)} in {looked_at} ({skipped['empty']} empty, "
                  f"{skipped['undecodable']} undecodable)")
-    train_docs, val_docs = split_train_val(docs, args.val_fraction, args.val_chars, args.seed)
+    val = val_indices([len(d) for d in docs], args.val_fraction, args.val_chars, args.seed)
+    train_docs = [d for i, d in enumerate(docs) if i not in val]
+    val_docs = [d for i, d in enumerate(docs) if i in val]
+    # Which files are val, so that later scripts (finetune.py) can keep off what pretraining saw.
+    root = os.path.commonpath([os.path.abspath(p.parent) for p in paths])
+    val_files = [Path(os.path.abspath(paths[i])).relative_to(root).as_posix() for i in sorted(val)]
 
     tok = tok or train_tokenizer(train_docs, args.vocab_size)
     special_ids = check_tokenizer(tok)
@@ -269,7 +317,8 @@ def main(argv=None):
             "tokenizer_vocab_size": tokenizer_vocab_size, "dtype": np.dtype(dtype).name,
             **special_ids, "splits": {}, "files": len(files),
             "skipped_files": sum(skipped.values()), "skipped": skipped, "source": source,
-            "tokenizer": args.tokenizer or "trained", "seed": args.seed}
+            "tokenizer": args.tokenizer or "trained", "seed": args.seed, "inputs": args.input,
+            "val_fraction": args.val_fraction, "val_chars": args.val_chars, "root": root, "val_files": val_files}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         tokens, offsets = encode_documents(tok, split_docs, dtype, desc=f"tokenizing {split}")
         outputs[f"{split}.bin"], outputs[f"{split}_offsets.npy"] = tokens, offsets

@@ -7,6 +7,7 @@ Put a trained ModernBERT to work: fill in [MASK] tokens, or embed texts.
     python sample.py --text "self.[MASK][MASK][MASK] = None" --one_by_one   # a whole identifier
     python sample.py --init_from ModernBERT-base --text "The capital of France is [MASK]."
     python sample.py --embed --text "def add(a, b):" --text "def plus(x, y):"   # cosine table
+    python sample.py --search "read the whole file and return its contents" --in path/to/code
 
 --init_from takes one of our checkpoints (a ckpt.pt, its directory, or a run directory such as
 out/, whose newest phase is used) or a Hugging Face ModernBERT directory (config.json,
@@ -238,6 +239,82 @@ def cosine_matrix(embeddings):
     return unit @ unit.T
 
 
+# ----------------------------------------------------------------------------- code search
+
+DEFAULT_SEARCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "modernbert_search.pt")
+
+
+def python_files(directory):
+    """The *.py files under directory (or directory itself, a file), hidden folders skipped."""
+    if os.path.isfile(directory):
+        return [directory]
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot read --in {directory!r}: no such file or directory")
+    found = []
+    for folder, subfolders, files in os.walk(directory):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # .git, .venv and the like
+        found += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".py")]
+    return found
+
+
+def function_embeddings(model, tokenizer, model_path, files, pool, cache_path, batch_tokens):
+    """([(file, name, line)], (n_functions, d_model) embeddings) of every function in files, each
+    embedded from its whole source, docstring included. cache_path keeps them per file, keyed by
+    the model and the file's mtime and size, so a second search embeds only what changed."""
+    from finetune import DEFAULTS, code_functions, embed_texts  # not at the top: finetune imports sample
+    model_key = f"{os.path.abspath(model_path)}:{os.stat(model_path).st_mtime_ns}:{pool}"
+    cache = {"model": model_key, "files": {}}
+    if cache_path and os.path.exists(cache_path):
+        try:
+            old = torch.load(cache_path, weights_only=True)
+            cache = old if old.get("model") == model_key else cache
+        except Exception:  # a broken cache is rebuilt, not an error
+            pass
+    todo, fresh = [], {}
+    for path in files:
+        key, st = os.path.abspath(path), os.stat(path)
+        if cache["files"].get(key, {}).get("stamp") == [st.st_mtime_ns, st.st_size]:
+            fresh[key] = cache["files"][key]
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                functions = code_functions(f.read()) or []  # None: not Python that parses
+        except (OSError, UnicodeDecodeError):  # not text we can read: no functions to find there
+            functions = []
+        fresh[key] = {"stamp": [st.st_mtime_ns, st.st_size], "functions": [[f["name"], f["line"]] for f in functions],
+                      "embeddings": torch.zeros(0)}
+        todo += [(key, f["code"]) for f in functions]
+    if todo:
+        embeddings = embed_texts(model, tokenizer, [code for _, code in todo], DEFAULTS["max_doc_tokens"], pool,
+                                 batch_tokens=batch_tokens, desc="embedding functions")
+        for key in {k for k, _ in todo}:
+            fresh[key]["embeddings"] = embeddings[[i for i, (k, _) in enumerate(todo) if k == key]]
+    found = [(key, name, line) for key in fresh for name, line in fresh[key]["functions"]]
+    if not found:
+        raise ValueError(f"no Python functions in the {len(files)} *.py files of --in")
+    if cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        from train import save_checkpoint  # atomic: tmp, fsync, rename
+        save_checkpoint(cache_path, {"model": model_key, "files": fresh})
+    return found, torch.cat([fresh[key]["embeddings"] for key in fresh if fresh[key]["functions"]])
+
+
+def search_code(model, tokenizer, model_path, directory, query, top_k=5, pool="mean", cache_path=None,
+                batch_tokens=8192):
+    """The top_k functions of the *.py files under directory (hidden folders skipped) for a query,
+    best first: (cosine, file, line, name)."""
+    from finetune import DEFAULTS, embed_texts
+    if not query.strip():
+        raise ValueError("--search is empty")
+    found, docs = function_embeddings(model, tokenizer, model_path, python_files(directory), pool, cache_path,
+                                      batch_tokens)                             # docs: (n_functions, d_model)
+    q = embed_texts(model, tokenizer, [query], DEFAULTS["max_query_tokens"], pool, batch_tokens=batch_tokens)
+    scores = (F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T)[0]         # (n_functions,)
+    top = scores.topk(min(top_k, len(found)))
+    return [(score, os.path.relpath(found[i][0]), found[i][2], found[i][1])
+            for score, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
 # ----------------------------------------------------------------------------- main
 
 def read_prompts(args):
@@ -277,6 +354,11 @@ def main(argv=None):
     parser.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
     parser.add_argument("--batch_tokens", type=int, default=8192, help="tokens per forward pass (default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
+    parser.add_argument("--search", metavar="QUERY", help="code search: the --top_k functions under --in for QUERY "
+                        "(default model: out/finetune, finetune.py's output, if it exists)")
+    parser.add_argument("--in", dest="search_in", metavar="DIR", help="--search looks at every *.py under DIR")
+    parser.add_argument("--cache", default=DEFAULT_SEARCH_CACHE,
+                        help="--search keeps function embeddings here, per file and mtime (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_tokens < 1:
         parser.error("--top_k and --batch_tokens must be at least 1")
@@ -285,6 +367,10 @@ def main(argv=None):
         parser.error(f"--device {args.device} is not available on this machine")
     if args.embed and args.one_by_one:
         parser.error("--one_by_one fills masks; it does not go with --embed")
+    if (args.search is None) != (args.search_in is None):
+        parser.error("--search QUERY and --in DIR go together")
+    if args.search is not None:
+        return search_main(args)
 
     texts = read_prompts(args) or (DEFAULT_EMBED_TEXTS if args.embed else DEFAULT_PROMPTS)
     try:
@@ -320,6 +406,24 @@ def main(argv=None):
             print(f"  [MASK] {n}{step}:  " + "   ".join(f"{token!r} {p:.3g}" for _, token, p in m["top"]))
         print()
     return results
+
+
+def search_main(args):
+    init_from = args.init_from
+    if init_from is None and os.path.isfile(os.path.join("out", "finetune", "ckpt.pt")):
+        init_from = os.path.join("out", "finetune")  # fine-tuned for search, so the better default
+    try:
+        python_files(args.search_in)  # a wrong --in fails before a model is loaded
+        path = find_model(init_from)
+        model, tokenizer, _ = load_model(path, args.device)
+        hits = search_code(model, tokenizer, path, args.search_in, args.search, args.top_k, args.pool, args.cache,
+                           args.batch_tokens)
+    except ValueError as e:
+        fail(e)
+    print(f"{path}: the top {len(hits)} functions under {args.search_in} for {show(args.search, 80)!r}")
+    for score, file, line, name in hits:
+        print(f"  {score:6.3f}  {file}:{line}  {name}")
+    return hits
 
 
 if __name__ == "__main__":
