@@ -129,9 +129,9 @@ def build_models(args, device, dtype, hf_dir, names=None):
     return {name: m.to(device=device, dtype=dtype).eval() for name, m in models.items()}
 
 
-def flash_available():
+def flash_available():  # the flash-attn package, which transformers' flash_attention_2 needs
     import modernbert
-    return modernbert.flash_attn_varlen_qkvpacked_func is not None
+    return modernbert.flash_attn_varlen_func is not None
 
 
 def inference_fn(name, model, ids, mask, labels):

@@ -8,7 +8,7 @@ happens with "BERT:" (what it did) and "ModernBERT:" (what it does now, and why)
 - unpadding: padding is removed once, at the start; every layer runs on real tokens only
 - rotary position embeddings (RoPE) instead of learned absolute positions
 - alternating attention: one layer in three global, the others a 128-token sliding window
-- FlashAttention's variable-length kernel (or PyTorch SDPA) on the packed stream
+- FlashAttention's variable-length kernel (else FlexAttention, or PyTorch SDPA) on the packed stream
 - GeGLU instead of the GELU MLP; no biases in linear layers and norms; pre-norm blocks, and a
   LayerNorm after the last block
 - sparse prediction: the MLM head runs only on the masked tokens
@@ -24,6 +24,9 @@ Five switches in Config turn the changes to positions, MLP, biases, norm placeme
 span back into BERT's, each at its "BERT:" comment; with all five, `config_for("bert-base")` is
 BERT itself and `from_pretrained` loads transformers' BertForMaskedLM checkpoints.
 """
+import functools
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -34,10 +37,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlashAttention is optional: CUDA only. Without it the model runs on PyTorch's SDPA.
-    from flash_attn import flash_attn_varlen_qkvpacked_func
-except Exception:  # not installed, or a build that does not load on this machine
-    flash_attn_varlen_qkvpacked_func = None
+# The CUDA attention kernels, all optional (see `attend`); a build that does not load counts as absent.
+try:  # the flash-attn package (FlashAttention 2)
+    from flash_attn import flash_attn_varlen_func
+except Exception:
+    flash_attn_varlen_func = None
+try:  # PyTorch's own varlen FlashAttention: torch 2.10+, with the sliding window from 2.11
+    from torch.nn.attention.varlen import varlen_attn
+except Exception:
+    varlen_attn = None
+try:  # FlexAttention: torch 2.5+; fast only when torch.compile turns it into a Triton kernel
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except Exception:
+    BlockMask = flex_attention = None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -169,6 +182,10 @@ class Documents:
         if backend == "sdpa":  # the CPU kernels' gathers and masks, shared by all layers
             self.length_groups = length_groups(self)
             self.local_mask = local_block_mask(self, config.window // 2)
+        if backend == "flex":  # one block mask per kind of layer; the padding is a document too
+            doc = F.pad(self.doc_ids, (0, -len(self.doc_ids) % FLEX_TILE), value=len(seqlens))
+            self.flex_global = flex_block_mask(doc, None)
+            self.flex_local = flex_block_mask(doc, config.window // 2)
 
 
 # ----------------------------------------------------------------------------- rotary positions
@@ -226,8 +243,12 @@ def attend(q, k, v, docs, half_window):
     """Each token attends to the tokens of its own document, in a local layer only to those at
     distance <= half_window. `attention_reference` says exactly that in a few lines; the kernels
     below it compute the same thing fast, and the tests hold each one to the reference."""
-    if docs.backend == "flash":
-        return flash_attention(q, k, v, docs, half_window)
+    if docs.backend == "flash-attn":
+        return flash_attention(flash_attn_varlen_func, q, k, v, docs, half_window)
+    if docs.backend == "torch-varlen":
+        return flash_attention(varlen_attn, q, k, v, docs, half_window)
+    if docs.backend == "flex":
+        return flex(q, k, v, docs.flex_global if half_window is None else docs.flex_local)
     if docs.backend == "reference":
         return attention_reference(q, k, v, docs, half_window)
     if half_window is None:
@@ -248,18 +269,78 @@ def attention_reference(q, k, v, docs, half_window):
 
 # BERT: dense attention over the padded rectangle, with a mask to hide the padding. ModernBERT:
 # FlashAttention's variable-length kernel on the unpadded stream, where cu_seqlens keeps every
-# document to itself and the sliding window costs nothing extra. Without flash-attn (CPU, MPS,
-# Windows) PyTorch's SDPA does the same job below, still without padding and still O(n * window)
-# for local layers. Every kernel takes q, k, v of shape (total_tokens, n_heads, head_dim) and
-# returns (total_tokens, n_heads, head_dim).
+# document to itself and the sliding window costs nothing extra. CUDA runs the fastest kernel at
+# hand (`cuda_backend`); CPU and MPS run the SDPA path, still unpadded and O(n * window) in local
+# layers. Each kernel maps q, k, v of shape (total_tokens, n_heads, head_dim) to an output of that shape.
 
-def flash_attention(q, k, v, docs, half_window):
-    """FlashAttention's varlen kernel reads cu_seqlens directly: no padding, no mask tensor."""
-    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    qkv = torch.stack((q, k, v), dim=1).to(dtype)                        # (total, 3, heads, head_dim)
-    window = (half_window, half_window) if half_window else (-1, -1)
-    out = flash_attn_varlen_qkvpacked_func(qkv, docs.cu_seqlens, docs.max_seqlen, window_size=window)
+def flash_attention(kernel, q, k, v, docs, half_window):
+    """Either varlen FlashAttention (flash-attn's flash_attn_varlen_func or torch's varlen_attn,
+    same arguments): it reads cu_seqlens (int32) and the longest length (a Python int) directly,
+    no padding, no mask tensor. Key j is visible from query i iff i - left <= j <= i + right."""
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # fp16/bf16 only
+    window = (-1, -1) if half_window is None else (half_window, half_window)  # -1: no limit
+    cu, longest = docs.cu_seqlens, docs.max_seqlen
+    out = kernel(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, window_size=window)
     return out.to(q.dtype)
+
+
+FLEX_TILE = 128  # FlexAttention works in 128 x 128 tiles of (query, key): skipped, masked or full
+
+
+def flex_block_mask(doc, half_window):
+    """FlexAttention's BlockMask for sorted document ids `doc` (padded to whole tiles), made from
+    each tile's first and last id, never an (n, n) tensor. Tile pairs that share no document or
+    lie beyond the window are skipped; "full" ones (one document, all in the window) skip mask_mod."""
+    first, last = doc.view(-1, FLEX_TILE)[:, 0], doc.view(-1, FLEX_TILE)[:, -1]   # (n_tiles,)
+    some_same = (first[:, None] <= last[None, :]) & (last[:, None] >= first[None, :])
+    all_same = (first[:, None] == last[None, :]) & (last[:, None] == first[None, :])  # ids sorted
+    some_near = all_near = True
+    mask_mod = lambda b, h, i, j: doc[i] == doc[j]
+    if half_window is not None:
+        mask_mod = lambda b, h, i, j: (doc[i] == doc[j]) & ((i - j).abs() <= half_window)
+        tile = torch.arange(len(first), device=doc.device)
+        gap = (tile[:, None] - tile[None, :]).abs() * FLEX_TILE     # (n_tiles, n_tiles) in tokens
+        some_near = gap - (FLEX_TILE - 1) <= half_window              # the closest pair
+        all_near = gap + (FLEX_TILE - 1) <= half_window               # the farthest pair
+    full = all_same & all_near
+    partial = some_same & some_near & ~full
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=FLEX_TILE,
+                                    mask_mod=mask_mod)
+
+
+def listed(tiles):  # (n_tiles, n_tiles) bool -> per query tile, the count and indices of its key tiles
+    order = tiles.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+    return tiles.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+
+@functools.cache
+def compiled_flex_attention():  # a fused Triton kernel; uncompiled, flex_attention makes every score
+    return torch.compile(flex_attention)
+
+
+def flex(q, k, v, block_mask):
+    """One FlexAttention call for the whole stream, as a batch of one padded to whole tiles."""
+    n, pad = len(q), block_mask.shape[-2] - len(q)  # the mask's length: n_tiles * FLEX_TILE
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for t in (q, k, v))
+    attention = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: tests only
+    out = attention(q, k, v, block_mask=block_mask)                  # (1, heads, n_padded, head_dim)
+    return out[0].transpose(0, 1)[:n]
+
+
+def has_window(kernel):
+    # torch 2.10's varlen_attn has no window_size, and ModernBERT's local layers need it.
+    return kernel is not None and "window_size" in inspect.signature(kernel).parameters
+
+
+def cuda_backend(device):
+    """The fastest kernel this GPU and this install have: both FlashAttentions need an Ampere or
+    newer GPU, FlexAttention needs Triton (not on Windows), which needs Volta or newer."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= (8, 0) and flash_attn_varlen_func is not None:
+        return "flash-attn"
+    if capability >= (8, 0) and has_window(varlen_attn):
+        return "torch-varlen"
+    return "flex" if capability >= (7, 0) and flex_attention is not None and HAS_TRITON else "sdpa"
 
 
 def length_groups(docs):
@@ -396,19 +477,24 @@ class ModernBERT(nn.Module):
         self.head = MLMHead(config)
         self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=True)
         self.decoder.weight = self.tok_embeddings.weight  # tied: the output reuses the input table
-        self.backend = "auto"  # or force one: "flash", "sdpa", "reference"; see attention_backend
+        self.backend = "auto"  # or force one of BACKENDS; see attention_backend
         self.reset_parameters()
+
+    BACKENDS = ("flash-attn", "torch-varlen", "flex", "sdpa", "reference")
 
     @property
     def attention_backend(self):
-        """"flash" on CUDA when flash-attn imports, else "sdpa" (PyTorch, any device). "reference"
-        (the dense definition, O(n^2)) runs only when asked for."""
-        if self.backend == "flash" and flash_attn_varlen_qkvpacked_func is None:
-            raise RuntimeError("backend 'flash' was asked for, but flash_attn does not import here")
+        """The kernel `attend` runs. On CUDA the fastest at hand (`cuda_backend`); on CPU and MPS
+        "sdpa". "reference" (the dense definition, O(n^2)) runs only when asked for."""
+        lacking = {"flash-attn": flash_attn_varlen_func is None, "flex": flex_attention is None,
+                   "torch-varlen": not has_window(varlen_attn)}
+        if self.backend not in ("auto", *self.BACKENDS) or lacking.get(self.backend):
+            raise ValueError(f"attention backend {self.backend!r} is unknown or not installed here; "
+                             f"the choices: {', '.join(self.BACKENDS)}")
         if self.backend != "auto":
             return self.backend
-        on_cuda = self.tok_embeddings.weight.is_cuda
-        return "flash" if on_cuda and flash_attn_varlen_qkvpacked_func is not None else "sdpa"
+        device = self.tok_embeddings.weight.device
+        return cuda_backend(device) if device.type == "cuda" else "sdpa"
 
     def reset_parameters(self):
         # "Megatron" init: truncated normal (cut at 2 std) with std 0.02, and the two projections
