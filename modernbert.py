@@ -9,8 +9,8 @@ happens with "BERT:" (what it did) and "ModernBERT:" (what it does now, and why)
 - rotary position embeddings (RoPE) instead of learned absolute positions
 - alternating attention: one layer in three global, the others a 128-token sliding window
 - FlashAttention's variable-length kernel (or PyTorch SDPA) on the packed stream
-- GeGLU instead of the GELU MLP; no biases in linear layers and norms; pre-norm blocks,
-  a LayerNorm after the embedding and after the last block
+- GeGLU instead of the GELU MLP; no biases in linear layers and norms; pre-norm blocks, and a
+  LayerNorm after the last block
 - sparse prediction: the MLM head runs only on the masked tokens
 - Megatron-style init, with the residual output projections scaled down by depth
 
@@ -19,10 +19,15 @@ happens with "BERT:" (what it did) and "ModernBERT:" (what it does now, and why)
     logits, loss = model(input_ids, attention_mask=mask, labels=labels)
     hidden = model.encode(input_ids, attention_mask=mask)         # (B, T, d_model)
     model = ModernBERT.from_pretrained("path/to/ModernBERT-base")  # a Hugging Face directory
+
+Five switches in Config turn the changes to positions, MLP, biases, norm placement and attention
+span back into BERT's, each at its "BERT:" comment; with all five, `config_for("bert-base")` is
+BERT itself and `from_pretrained` loads transformers' BertForMaskedLM checkpoints.
 """
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -45,7 +50,7 @@ class Config:
     n_heads: int = 12
     d_ff: int = 1152           # GeGLU width: the up-projection is 2 * d_ff wide
     window: int = 128          # local attention window, whole: a token sees +-window/2 neighbours
-    global_every: int = 3      # layer i attends globally iff i % global_every == 0
+    global_every: int = 3      # layer i attends globally iff i % global_every == 0 (BERT: 1, all)
     global_theta: float = 160_000.0  # RoPE base of global layers (10k during phase 1 pretraining)
     local_theta: float = 10_000.0    # RoPE base of local layers
     max_seq_len: int = 8192
@@ -55,6 +60,11 @@ class Config:
     pad_id: int = 50283        # special ids only travel to Hugging Face's config.json
     cls_id: int = 50281
     sep_id: int = 50282
+    # BERT's parts, each switched back at its "BERT:" comment (the defaults are ModernBERT's):
+    positions: str = "rope"    # or "learned": an absolute position table added to the embedding
+    mlp: str = "geglu"         # or "gelu": Linear -> GELU -> Linear, d_ff wide
+    bias: bool = False         # True: a bias in every linear layer and LayerNorm
+    prenorm: bool = True       # False: post-norm blocks, x = norm(x + f(x)), and no final norm
 
     @property
     def head_dim(self):
@@ -68,7 +78,10 @@ class Config:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.head_dim % 2:
+        if self.positions not in ("rope", "learned") or self.mlp not in ("geglu", "gelu"):
+            raise ValueError(f"positions must be 'rope' or 'learned' and mlp 'geglu' or 'gelu', got {self.positions!r}, "
+                             f"{self.mlp!r}")
+        if self.head_dim % 2 and self.positions == "rope":
             raise ValueError(f"head_dim d_model / n_heads = {self.head_dim} must be even: RoPE rotates pairs")
         if self.window % 2:
             raise ValueError(f"window {self.window} must be even: a token sees window / 2 on each side")
@@ -86,6 +99,12 @@ PRESETS = {
     "mini": Config(n_layers=4, d_model=256, n_heads=4, d_ff=512, max_seq_len=1024),  # train.py's default
     "tiny": Config(n_layers=3, d_model=64, n_heads=4, d_ff=96, window=16, max_seq_len=512),
 }
+# BERT (Devlin et al., 2018) in this code: every switch at BERT's, every layer global, eps 1e-12.
+BERT = dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1, norm_eps=1e-12)
+PRESETS["bert-base"] = Config(vocab_size=30522, n_layers=12, d_model=768, n_heads=12, d_ff=3072,
+                              max_seq_len=512, pad_id=0, cls_id=101, sep_id=102, **BERT)  # bert-base-uncased's
+# "mini" as BERT: d_ff 768 gives its GELU MLP the weights and FLOPs of mini's GeGLU (2 x 768 = 3 x 512).
+PRESETS["bert-mini"] = replace(PRESETS["mini"], d_ff=768, **BERT)
 
 
 def config_for(name, **overrides):
@@ -188,15 +207,17 @@ class Attention(nn.Module):
         # the others are local, seeing only +-64 tokens. Long contexts then cost mostly O(n),
         # while the global layers still mix information across the whole document.
         self.half_window = None if is_global else config.window // 2
-        self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.Wo = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.rope = config.positions == "rope"
+        self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.Wo = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.out_drop = nn.Dropout(config.attn_out_dropout)
 
     def forward(self, x, docs):                                          # x: (total_tokens, d_model)
         qkv = self.Wqkv(x).view(len(x), 3, self.n_heads, self.head_dim)
-        cos, sin = docs.rope_global if self.half_window is None else docs.rope_local
-        q, k = apply_rope(qkv[:, :2], cos, sin).to(qkv.dtype).unbind(dim=1)  # (total, heads, head_dim)
-        v = qkv[:, 2]
+        q, k, v = qkv.unbind(dim=1)                                      # (total, heads, head_dim)
+        if self.rope:  # BERT: no rotation, its positions were added to the embedding
+            cos, sin = docs.rope_global if self.half_window is None else docs.rope_local
+            q, k = apply_rope(qkv[:, :2], cos, sin).to(qkv.dtype).unbind(dim=1)
         out = attend(q, k, v, docs, self.half_window)                    # (total, heads, head_dim)
         return self.out_drop(self.Wo(out.reshape(len(x), -1)))
 
@@ -307,18 +328,21 @@ def sdpa_local(q, k, v, block_mask, half_window):
 def layer_norm(config):
     # BERT: LayerNorm with a bias. ModernBERT: no bias in any norm (or linear layer, below): the
     # biases bought nothing at scale, and dropping them frees parameters for the matmuls.
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
-class GeGLU(nn.Module):
-    # BERT: Linear -> GELU -> Linear. ModernBERT: a gated linear unit, GELU(x W_in) * (x W_gate),
-    # which trains to a lower loss for the same compute. Both halves come from one fused Wi.
+class MLP(nn.Module):
+    # BERT: Linear -> GELU -> Linear. ModernBERT: a gated linear unit (GeGLU), GELU(x W_in) *
+    # (x W_gate), which trains to a lower loss for the same compute. Both halves come from one Wi.
     def __init__(self, config):
         super().__init__()
-        self.Wi = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
-        self.Wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.gated = config.mlp == "geglu"
+        self.Wi = nn.Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=config.bias)
+        self.Wo = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x):
+        if not self.gated:  # BERT
+            return self.Wo(F.gelu(self.Wi(x)))
         input, gate = self.Wi(x).chunk(2, dim=-1)                        # (total, d_ff) each
         return self.Wo(F.gelu(input) * gate)
 
@@ -330,12 +354,16 @@ class Block(nn.Module):
     def __init__(self, config, index):
         super().__init__()
         self.is_global = index % config.global_every == 0
-        self.attn_norm = nn.Identity() if index == 0 else layer_norm(config)
+        self.prenorm = config.prenorm
+        self.attn_norm = nn.Identity() if index == 0 and self.prenorm else layer_norm(config)
         self.attn = Attention(config, self.is_global)
         self.mlp_norm = layer_norm(config)
-        self.mlp = GeGLU(config)
+        self.mlp = MLP(config)
 
     def forward(self, x, docs):
+        if not self.prenorm:  # BERT: the same two norms, after each residual sum
+            x = self.attn_norm(x + self.attn(x, docs))
+            return self.mlp_norm(x + self.mlp(x))
         x = x + self.attn(self.attn_norm(x), docs)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -343,7 +371,7 @@ class Block(nn.Module):
 class MLMHead(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dense = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.norm = layer_norm(config)
 
     def forward(self, x):
@@ -356,12 +384,15 @@ class ModernBERT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # BERT: token + learned position + segment embeddings. ModernBERT: tokens only (RoPE
-        # carries position, and there is no next-sentence task), followed by a LayerNorm.
+        # BERT: token + learned position + segment embeddings, then a LayerNorm. ModernBERT: tokens
+        # only (RoPE carries position, and there is no next-sentence task), then the LayerNorm.
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":  # BERT (segments: every token has type 0, in this table)
+            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
         self.embed_norm = layer_norm(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.final_norm = layer_norm(config)  # pre-norm blocks leave the last output unnormalised
+        # Pre-norm blocks leave the last output unnormalised; BERT's post-norm ones end on a norm.
+        self.final_norm = layer_norm(config) if config.prenorm else nn.Identity()
         self.head = MLMHead(config)
         self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=True)
         self.decoder.weight = self.tok_embeddings.weight  # tied: the output reuses the input table
@@ -389,7 +420,7 @@ class ModernBERT(nn.Module):
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                nn.init.ones_(p) if "norm" in name else nn.init.zeros_(p)
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             else:
                 s = out_std if name.endswith("Wo.weight") else std
                 nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s)
@@ -398,7 +429,10 @@ class ModernBERT(nn.Module):
         """(total_tokens,) ids of documents back to back, and where each starts -> (total_tokens,
         d_model) final hidden states. The whole encoder; encode and forward only change layouts."""
         docs = Documents(cu_seqlens, self.config, self.attention_backend)
-        x = self.embed_norm(self.tok_embeddings(tokens))                 # (total_tokens, d_model)
+        x = self.tok_embeddings(tokens)                                  # (total_tokens, d_model)
+        if self.config.positions == "learned":  # BERT: each token's position in its document
+            x = x + self.pos_embeddings(docs.positions)
+        x = self.embed_norm(x)
         for block in self.layers:
             x = block(x, docs)
         return self.final_norm(x)
@@ -427,7 +461,8 @@ class ModernBERT(nn.Module):
     def flops_per_token(self, seq_len, predicted_fraction=1.0, training=True):
         """Matmul FLOPs per token, for MFU. A local layer attends to at most window + 1 keys."""
         c = self.config
-        matmuls = 2 * c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.d_ff)
+        mlp = (3 if c.mlp == "geglu" else 2) * c.d_model * c.d_ff       # Wi (+ gate) and Wo
+        matmuls = 2 * c.n_layers * (4 * c.d_model ** 2 + mlp)
         n_global = sum(block.is_global for block in self.layers)
         keys = n_global * seq_len + (c.n_layers - n_global) * min(seq_len, c.window + 1)
         attention = 4 * c.d_model * keys                                 # q.k and p.v, per key
@@ -438,13 +473,12 @@ class ModernBERT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """Loads a Hugging Face ModernBERT directory (config.json + model.safetensors)."""
+        """Loads a Hugging Face ModernBERT or BERT directory (config.json + model.safetensors)."""
         from safetensors.torch import load_file
         with open(os.path.join(path, "config.json")) as f:
             model = cls(config_from_hf(json.load(f)))
-        hf_tensors = load_file(os.path.join(path, "model.safetensors"))
-        tied = hf_tensors.pop("decoder.weight", None)  # older exports store the tied copy too
-        ours = {hf_to_ours(name): t for name, t in hf_tensors.items()}
+        ours = tensors_from_hf(load_file(os.path.join(path, "model.safetensors")), hf_family(model.config))
+        tied = ours.pop("decoder.weight", None)  # older exports store the tied copy too
         expected = model.state_dict()
         expected.pop("decoder.weight")
         missing, unexpected = expected.keys() - ours.keys(), ours.keys() - expected.keys()
@@ -456,36 +490,90 @@ class ModernBERT(nn.Module):
         return model
 
     def save_pretrained(self, path):
-        """Writes a directory that transformers.ModernBertForMaskedLM.from_pretrained loads."""
+        """Writes a directory that transformers' ModernBertForMaskedLM loads, or its BertForMaskedLM
+        for a model with every switch at BERT's."""
         from safetensors.torch import save_file
+        state = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items() if n != "decoder.weight"}
+        tensors = tensors_to_hf(state, hf_family(self.config))  # (q, k, v: contiguous row blocks of Wqkv)
         os.makedirs(path, exist_ok=True)
-        tensors = {ours_to_hf(n): t.detach().cpu().contiguous() for n, t in self.state_dict().items() if n != "decoder.weight"}
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config_to_hf(self.config), f, indent=2)
 
 
-# Our parameter names differ from Hugging Face's by these prefixes only.
-HF_PREFIXES = [("tok_embeddings.", "model.embeddings.tok_embeddings."), ("embed_norm.", "model.embeddings.norm."),
-               ("layers.", "model.layers."), ("final_norm.", "model.final_norm."), ("head.", "head."), ("decoder.", "decoder.")]
+def hf_family(c):
+    """The transformers model with this config's parts: "modernbert" or "bert" (a mix has none)."""
+    if (c.positions, c.mlp, c.bias, c.prenorm) == ("rope", "geglu", False, True):
+        return "modernbert"
+    if (c.positions, c.mlp, c.bias, c.prenorm, c.global_every) == ("learned", "gelu", True, False, 1):
+        return "bert"
+    raise ValueError("transformers has no model that mixes BERT's parts and ModernBERT's like this config")
 
 
-def ours_to_hf(name):
-    return next(hf + name[len(o):] for o, hf in HF_PREFIXES if name.startswith(o))
+# transformers' names for ours: (our prefix, theirs) pairs, the first that fits wins; {} is the layer.
+# "qkv" stands for our fused Wqkv, which BERT keeps as three Linear layers: query, key and value.
+L = "bert.encoder.layer.{}."
+HF_NAMES = {"modernbert": [("tok_embeddings.", "model.embeddings.tok_embeddings."), ("layers.", "model.layers."),
+                           ("embed_norm.", "model.embeddings.norm."), ("final_norm.", "model.final_norm."),
+                           ("head.", "head."), ("decoder.", "decoder.")],
+            "bert": [("tok_embeddings.", "bert.embeddings.word_embeddings."),
+                     ("pos_embeddings.", "bert.embeddings.position_embeddings."),
+                     ("embed_norm.", "bert.embeddings.LayerNorm."), ("layers.{}.attn.Wqkv.", L + "attention.self.qkv."),
+                     ("layers.{}.attn.Wo.", L + "attention.output.dense."),
+                     ("layers.{}.attn_norm.", L + "attention.output.LayerNorm."),
+                     ("layers.{}.mlp.Wi.", L + "intermediate.dense."), ("layers.{}.mlp.Wo.", L + "output.dense."),
+                     ("layers.{}.mlp_norm.", L + "output.LayerNorm."), ("head.dense.", "cls.predictions.transform.dense."),
+                     ("head.norm.", "cls.predictions.transform.LayerNorm."), ("decoder.bias", "cls.predictions.bias")]}
 
 
-def hf_to_ours(name):
-    for o, hf in HF_PREFIXES:
-        if name.startswith(hf):
-            return o + name[len(hf):]
-    raise ValueError(f"unexpected tensor {name!r} in a ModernBERT checkpoint")
+def renamed(name, pairs):
+    key = re.sub(r"\.\d+\.", ".{}.", name, count=1)
+    for old, new in pairs:
+        if key.startswith(old):
+            return (new + key[len(old):]).format(*re.findall(r"\.(\d+)\.", name)[:1])
+    raise ValueError(f"unexpected tensor {name!r} in the checkpoint")
+
+
+def tensors_to_hf(state, family):
+    """Our tensors under transformers' names. For BERT, Wqkv split in three, and a segment table of
+    one row of zeros: the type every token has, whose embedding our position table already holds."""
+    hf = {renamed(name, HF_NAMES[family]): t for name, t in state.items()}
+    for name in [n for n in hf if ".qkv." in n]:
+        hf.update({name.replace("qkv", p): t for p, t in zip(["query", "key", "value"], hf.pop(name).chunk(3))})
+    if family == "bert":
+        hf["bert.embeddings.token_type_embeddings.weight"] = torch.zeros_like(hf["bert.embeddings.LayerNorm.bias"])[None]
+    return hf
+
+
+def tensors_from_hf(hf, family):
+    """The reverse. From BERT: segment type 0 (every token's) added to each position's row; query,
+    key and value fused; the pooler, next-sentence head and the decoder's tied copies left out."""
+    unused = ("bert.pooler.", "cls.seq_relationship.", "cls.predictions.decoder.")
+    hf = {n.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): t
+          for n, t in hf.items() if not n.startswith(unused)}  # (gamma, beta: old exports' names)
+    segments = hf.pop("bert.embeddings.token_type_embeddings.weight", None)
+    if segments is not None:
+        hf["bert.embeddings.position_embeddings.weight"] = hf["bert.embeddings.position_embeddings.weight"] + segments[0]
+    for name in [n for n in hf if ".self.query." in n]:
+        hf[name.replace("query", "qkv")] = torch.cat([hf.pop(name.replace("query", p)) for p in ("query", "key", "value")])
+    return {renamed(name, [(new, old) for old, new in HF_NAMES[family]]): t for name, t in hf.items()}
 
 
 def config_from_hf(hf):
-    for key, want in [("attention_bias", False), ("mlp_bias", False), ("norm_bias", False), ("decoder_bias", True),
-                      ("hidden_activation", "gelu"), ("classifier_activation", "gelu"), ("tie_word_embeddings", True)]:
+    bert = hf.get("model_type") == "bert"
+    wants = ([("hidden_act", "gelu"), ("position_embedding_type", "absolute"), ("is_decoder", False)] if bert else
+             [("attention_bias", False), ("mlp_bias", False), ("norm_bias", False), ("decoder_bias", True),
+              ("hidden_activation", "gelu"), ("classifier_activation", "gelu")])
+    for key, want in wants + [("tie_word_embeddings", True)]:
         if hf.get(key, want) != want:
             raise ValueError(f"unsupported checkpoint: {key}={hf[key]!r} (this implementation needs {want!r})")
+    if bert:
+        return config_for("bert-base", vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"],
+                          d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"],
+                          d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 512),
+                          norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02),
+                          pad_id=hf.get("pad_token_id", 0), cls_id=hf.get("cls_token_id", 101),
+                          sep_id=hf.get("sep_token_id", 102))
     n_layers = hf["num_hidden_layers"]
     global_every = hf.get("global_attn_every_n_layers", 3)
     if hf.get("layer_types"):  # newer transformers spell the pattern out per layer
@@ -506,6 +594,14 @@ def config_from_hf(hf):
 
 
 def config_to_hf(c):
+    if hf_family(c) == "bert":  # BertConfig's fields; cls and sep ids (not among them) ride along
+        return {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": c.vocab_size,
+                "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+                "intermediate_size": c.d_ff, "hidden_act": "gelu", "max_position_embeddings": c.max_seq_len,
+                "type_vocab_size": 1, "layer_norm_eps": c.norm_eps, "initializer_range": c.init_std,
+                "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,  # why: see below
+                "tie_word_embeddings": True, "pad_token_id": c.pad_id, "cls_token_id": c.cls_id,
+                "sep_token_id": c.sep_id, "torch_dtype": "float32"}
     # The field names of the released answerdotai/ModernBERT-base config.json, which every
     # transformers version since ModernBERT's release reads.
     return {"architectures": ["ModernBertForMaskedLM"], "model_type": "modernbert",

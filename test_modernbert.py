@@ -142,6 +142,152 @@ def test_loading_a_mismatched_checkpoint_names_the_tensor(tmp_path):
         ModernBERT.from_pretrained(tmp_path)
 
 
+# ----------------------------------------------------------------------------- BERT mode
+
+# Every switch at BERT's (config_for("bert-base")) at test sizes: d_ff not 4 x d_model, an odd
+# head_dim (15: fine without RoPE), the position table exactly as long as the longest test document.
+BERT_CONFIGS = {
+    "bert_narrow": config_for("bert-base", vocab_size=200, n_layers=3, d_model=64, n_heads=4, d_ff=96, max_seq_len=80),
+    "bert_odd_head_dim": config_for("bert-base", vocab_size=150, n_layers=2, d_model=60, n_heads=4, d_ff=50,
+                                    max_seq_len=80, norm_eps=1e-5),
+}
+BERT_LENGTHS = [1, 5, 80, 33, 2]
+
+
+def bert_config_for_transformers(c, **extra):
+    return transformers.BertConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
+                                   num_attention_heads=c.n_heads, intermediate_size=c.d_ff,
+                                   max_position_embeddings=c.max_seq_len, layer_norm_eps=c.norm_eps,
+                                   pad_token_id=c.pad_id, **extra)
+
+
+def assert_same_logits_as_transformers(ours, hf, seed):
+    """Padded batch with a mask, and the same documents as one packed stream with cu_seqlens: our
+    logits equal transformers' on every real token, to 1e-4."""
+    ids, mask = padded_batch(BERT_LENGTHS, ours.config.vocab_size, seed=seed)
+    with torch.no_grad():
+        padded, _ = ours(ids, attention_mask=mask)
+        packed, _ = ours(ids[mask], cu_seqlens=modernbert.cu_seqlens_of(mask.sum(-1)))
+    theirs = hf_logits(hf.eval(), ids, mask)
+    assert (padded - theirs)[mask].abs().max() <= 1e-4
+    assert (packed - theirs[mask]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", BERT_CONFIGS)
+def test_transformers_bert_checkpoint_loads_with_same_logits(name, tmp_path):
+    c = BERT_CONFIGS[name]
+    torch.manual_seed(2)
+    hf = transformers.BertForMaskedLM(bert_config_for_transformers(c, type_vocab_size=2)).eval()
+    with torch.no_grad():  # random norms and biases (init sets them to 1 and 0), and segment rows
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+        hf.bert.embeddings.token_type_embeddings.weight.normal_()
+    hf.save_pretrained(tmp_path)
+    ours = ModernBERT.from_pretrained(tmp_path).eval()
+    assert ours.config == c
+    assert_same_logits_as_transformers(ours, hf, seed=3)
+
+
+@pytest.mark.parametrize("name", BERT_CONFIGS)
+def test_ours_bert_saved_loads_in_transformers_with_same_logits(name, tmp_path):
+    import json
+    ours = seeded(BERT_CONFIGS[name])
+    ours.save_pretrained(tmp_path)
+    hf, info = transformers.BertForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["model_type"] == "bert" and hf_config["type_vocab_size"] == 1
+    assert_same_logits_as_transformers(ours, hf, seed=4)
+    again = ModernBERT.from_pretrained(tmp_path)  # and back: the same tensors
+    assert again.config == ours.config
+    assert all(torch.equal(t, again.state_dict()[n]) for n, t in ours.state_dict().items())
+
+
+def test_released_bert_config_layout_is_understood():
+    # bert-base-uncased's config.json (abridged): the BERT preset, and its parameter count.
+    released = {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+                "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+                "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert",
+                "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0,
+                "position_embedding_type": "absolute", "type_vocab_size": 2, "vocab_size": 30522}
+    assert modernbert.config_from_hf(released) == config_for("bert-base")
+    with pytest.raises(ValueError, match="hidden_act"):
+        modernbert.config_from_hf({**released, "hidden_act": "gelu_new"})
+    with torch.device("meta"):
+        ours = ModernBERT(config_for("bert-base"))
+        hf = transformers.BertForMaskedLM(transformers.BertConfig(**released))
+    # 109,514,298 in transformers, whose segment table has 2 rows of 768; ours folds row 0 in.
+    assert sum(p.numel() for p in hf.parameters()) - 2 * 768 == sum(p.numel() for p in ours.parameters())
+
+
+def parameter_shapes(config):
+    with torch.device("meta"):
+        return {n: tuple(p.shape) for n, p in ModernBERT(config).named_parameters()}
+
+
+def test_each_bert_switch_changes_only_what_it_names():
+    """Parameter counts by hand, from the ModernBERT config below to each switch alone, to BERT."""
+    V, n_layers, d, d_ff, T = 320, 4, 64, 96, 512
+    c = Config(vocab_size=V, n_layers=n_layers, d_model=d, n_heads=4, d_ff=d_ff, window=16, max_seq_len=T, **SPECIAL)
+    per_layer = 3 * d * d + d * d + d * 2 * d_ff + d_ff * d + 2 * d   # Wqkv, Wo, GeGLU Wi and Wo, 2 norms
+    modern = V * d + d + n_layers * per_layer - d + d + (d * d + d) + V  # layer 0: no attn_norm; final norm; head
+    assert modern == 164_800
+    shapes = {"modernbert": parameter_shapes(c)}
+    assert sum(math.prod(s) for s in shapes["modernbert"].values()) == modern  # (the decoder is tied)
+    biases = (n_layers * (3 * d + d + d_ff + d + 2 * d) - d  # Wqkv, Wo, Wi (d_ff wide), Wo, norms
+              + d + d + (d + d))                             # embed_norm, final_norm, head dense and norm
+    expected_change = {"positions": T * d,                  # the position table: 512 x 64 = 32,768
+                       "mlp": -n_layers * d * d_ff,         # Wi is d x d_ff, not d x 2 d_ff: -24,576
+                       "bias": biases + n_layers * d_ff,    # a GeGLU's Wi bias is 2 d_ff wide: 2,752
+                       "prenorm": 0}                        # layer 0 gains attn_norm, final_norm goes
+    assert list(expected_change.values()) == [32_768, -24_576, 2_752, 0]
+    switched = {"positions": dict(positions="learned"), "mlp": dict(mlp="gelu"), "bias": dict(bias=True),
+                "prenorm": dict(prenorm=False), "global": dict(global_every=1)}
+    for switch, change in switched.items():
+        shapes[switch] = parameter_shapes(replace_config(c, **change))
+        count = sum(math.prod(s) for s in shapes[switch].values())
+        assert count == modern + expected_change.get(switch, 0), switch
+        before, after = shapes["modernbert"], shapes[switch]
+        differing = {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
+        assert differing == {
+            "positions": {"pos_embeddings.weight"},
+            "mlp": {f"layers.{i}.mlp.Wi.weight" for i in range(n_layers)},
+            "bias": {n for n in after if n.endswith(".bias") and n != "decoder.bias"},
+            "prenorm": {"layers.0.attn_norm.weight", "final_norm.weight"},
+            "global": set()}[switch], switch
+    assert sum(shapes["bias"][n][0] for n in shapes["bias"] if n.endswith(".bias")) - V == biases + n_layers * d_ff
+    # All switches at BERT's: the changes add up (post-norm moves one bias as it moves one weight).
+    bert = replace_config(c, positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1)
+    count = sum(math.prod(s) for s in parameter_shapes(bert).values())
+    assert count == modern + T * d - n_layers * d * d_ff + biases
+    # ... and is what transformers' BertForMaskedLM has, less its one segment row.
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=V, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=4, intermediate_size=d_ff,
+        max_position_embeddings=T, type_vocab_size=1))
+    assert sum(p.numel() for p in hf.parameters()) == count + d
+
+
+def test_global_every_one_is_global_attention_everywhere():
+    model = seeded(replace_config(CONFIGS["narrow"], global_every=1))
+    assert all(block.is_global and block.attn.half_window is None for block in model.layers)
+    with torch.device("meta"):
+        assert all(block.is_global for block in ModernBERT(config_for("bert-mini")).layers)
+
+
+def test_mixed_switches_run_but_do_not_export(tmp_path):
+    """Any mix of switches is a model that trains (the ablations between BERT and ModernBERT), but
+    transformers has neither model for it, so save_pretrained says so instead of writing a wrong one."""
+    config = replace_config(CONFIGS["narrow"], positions="learned", bias=True)
+    model = seeded(config)
+    ids, mask = padded_batch([9, 4], config.vocab_size)
+    with torch.no_grad():
+        logits, _ = model(ids, attention_mask=mask)
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="mixes BERT"):
+        model.save_pretrained(tmp_path)
+
+
 # ----------------------------------------------------------------------------- unpadding and packing
 
 def test_batch_invariance_alone_padded_packed():
@@ -393,6 +539,9 @@ def test_flops_per_token_matches_a_flop_counter():
         expected = counted[n] - n_local * per_key * (n - keys)
         assert mixed.flops_per_token(n, training=False) == pytest.approx(expected, rel=1e-9), n
     assert mixed.flops_per_token(60) == 3 * mixed.flops_per_token(60, training=False)
+    bert = seeded(BERT_CONFIGS["bert_narrow"])  # all global, a GELU MLP d_ff wide: exact as well
+    for n in (10, 60):
+        assert bert.flops_per_token(n, training=False) == pytest.approx(counted_flops_per_token(bert, n), rel=1e-9)
 
 
 def replace_config(config, **changes):
@@ -444,7 +593,8 @@ def test_flash_window_boundary():
 def test_impossible_shapes_are_refused_with_the_reason():
     for change, reason in [(dict(n_heads=3), "not divisible by n_heads"), (dict(n_heads=256), "head_dim d_model / n_heads = 1 must be even"),
                            (dict(window=7), "window 7 must be even"), (dict(n_layers=0), "n_layers must be"),
-                           (dict(attn_out_dropout=1.0), "attn_out_dropout")]:
+                           (dict(attn_out_dropout=1.0), "attn_out_dropout"),
+                           (dict(positions="alibi"), "positions must be"), (dict(mlp="swiglu"), "mlp 'geglu'")]:
         with pytest.raises(ValueError, match=reason):
             config_for("mini", **change)
 
