@@ -480,6 +480,19 @@ def test_the_training_step_computes_each_loss_once(monkeypatch):
     assert logits.shape == (20, 64)
 
 
+def test_bert_model_trains_exports_to_transformers_and_refuses_phase_2(data, tmp_path):
+    """--model bert-mini: BERT's parts in train.py's loop; its hf/ is a BERT directory (that
+    transformers loads it is test_modernbert's job). Learned positions stop at phase 1's length, so
+    phase 2's 8x longer rows are refused with the reason."""
+    train.main(tiny_args(data, tmp_path, "--model", "bert-mini", "--n_layers", "2", "--d_model", "64",
+                         "--d_ff", "96", "--tokens", "600"))
+    assert json.loads((tmp_path / "phase1" / "hf" / "config.json").read_text())["model_type"] == "bert"
+    ckpt = torch.load(tmp_path / "phase1" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["positions"] == "learned" and ckpt["model"]["pos_embeddings.weight"].shape == (32, 64)
+    with pytest.raises(SystemExit, match="learned positions stop at 32"):
+        train.main(["--data", str(data), "--out", str(tmp_path), "--phase", "2", "--device", "cpu", "--dtype", "fp32"])
+
+
 # ----------------------------------------------------------------------------- resume, DDP
 
 def test_gradient_accumulation_divides_by_the_global_masked_count():

@@ -318,7 +318,13 @@ def model_and_optimizer(args, meta, start, s, device):
     """The model (continued, tiled up from a smaller one, or fresh) and its StableAdamW."""
     config = model_config(args, meta, start)
     config.global_theta = 10_000.0 if args.phase == 1 else 160_000.0  # local layers stay at 10k
-    config.max_seq_len, config.attn_out_dropout = s["seq_len"], s["dropout"]
+    config.attn_out_dropout = s["dropout"]
+    if config.positions == "rope" or not start.source:  # a learned table keeps its trained length
+        config.max_seq_len = s["seq_len"]
+    if s["seq_len"] > config.max_seq_len:
+        fail(f"rows of {s['seq_len']} tokens, but the model's learned positions stop at "
+             f"{config.max_seq_len}; only RoPE extends to a longer context (--seq_len "
+             f"{config.max_seq_len} continues at the trained length)")
     torch.manual_seed(s["seed"])
     model = ModernBERT(config)
     if start.small:
@@ -363,9 +369,11 @@ def print_banner(args, model, s, data, start, device, bf16, peak, use_compile, w
     c, phase = model.config, args.phase
     origin = ((f"; from {start.path}" + (f" at step {start.step}" if start.resumed else ""))
               if start.source else "")
+    positions = (f"RoPE theta global {c.global_theta:g} / local {c.local_theta:g}"
+                 if c.positions == "rope" else f"learned positions up to {c.max_seq_len}")
     print(f"phase {phase}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
-          f"({c.n_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} heads), RoPE "
-          f"theta global {c.global_theta:g} / local {c.local_theta:g}; {device}, "
+          f"({c.n_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} heads), "
+          f"{positions}; {device}, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, attention {model.attention_backend}, "
           f"compile {'on' if use_compile else 'off'}, {world} process(es){origin}")
     print(f"data {args.data}: {len(data.rows):,} rows of {s['seq_len']} tokens, packing efficiency "
@@ -764,8 +772,8 @@ def tile_state_dict(old_state, old_config, new_model):
         if source not in old_state or name.startswith("final_norm."):
             new_state[name] = target
             continue
-        parts = (3 if name.endswith("attn.Wqkv.weight")
-                 else 2 if name.endswith("mlp.Wi.weight") else 1)
+        gated = 2 if new_model.config.mlp == "geglu" else 1  # BERT's GELU MLP: Wi is one part
+        parts = 3 if ".attn.Wqkv." in name else gated if ".mlp.Wi." in name else 1
         shape = (target.shape[0] // parts, *target.shape[1:])
         new_state[name] = torch.cat([center_tile(p, shape) for p in old_state[source].chunk(parts)])
     new_state["decoder.weight"] = new_state["tok_embeddings.weight"]  # tied: one tensor, tiled once
