@@ -69,6 +69,7 @@ class Config:
     max_seq_len: int = 8192
     norm_eps: float = 1e-5
     attn_out_dropout: float = 0.0    # pretraining uses 0.1, on the attention output only
+    bert_dropout: bool = False       # True: BERT's, the same p also on embeddings, probs, MLP out
     init_std: float = 0.02
     pad_id: int = 50283        # special ids only travel to Hugging Face's config.json
     cls_id: int = 50281
@@ -228,6 +229,8 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.Wo = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.out_drop = nn.Dropout(config.attn_out_dropout)
+        # BERT: dropout on the attention probabilities too (ModernBERT: on the output only)
+        self.probs_drop = config.attn_out_dropout if config.bert_dropout else 0.0
 
     def forward(self, x, docs):                                          # x: (total_tokens, d_model)
         qkv = self.Wqkv(x).view(len(x), 3, self.n_heads, self.head_dim)
@@ -235,28 +238,31 @@ class Attention(nn.Module):
         if self.rope:  # BERT: no rotation, its positions were added to the embedding
             cos, sin = docs.rope_global if self.half_window is None else docs.rope_local
             q, k = apply_rope(qkv[:, :2], cos, sin).to(qkv.dtype).unbind(dim=1)
-        out = attend(q, k, v, docs, self.half_window)                    # (total, heads, head_dim)
+        out = attend(q, k, v, docs, self.half_window, self.probs_drop * self.training)
         return self.out_drop(self.Wo(out.reshape(len(x), -1)))
 
 
-def attend(q, k, v, docs, half_window):
+def attend(q, k, v, docs, half_window, dropout_p=0.0):
     """Each token attends to the tokens of its own document, in a local layer only to those at
     distance <= half_window. `attention_reference` says exactly that in a few lines; the kernels
     below it compute the same thing fast, and the tests hold each one to the reference."""
+    if dropout_p and docs.backend in ("torch-varlen", "flex"):  # kernels without dropout
+        raise ValueError(f"BERT's dropout on attention probabilities has no {docs.backend} kernel: "
+                         "set model.backend = 'sdpa'")
     if docs.backend == "flash-attn":
-        return flash_attention(flash_attn_varlen_func, q, k, v, docs, half_window)
+        return flash_attention(flash_attn_varlen_func, q, k, v, docs, half_window, dropout_p)
     if docs.backend == "torch-varlen":
         return flash_attention(varlen_attn, q, k, v, docs, half_window)
     if docs.backend == "flex":
         return flex(q, k, v, docs.flex_global if half_window is None else docs.flex_local)
     if docs.backend == "reference":
-        return attention_reference(q, k, v, docs, half_window)
+        return attention_reference(q, k, v, docs, half_window, dropout_p)
     if half_window is None:
-        return sdpa_global(q, k, v, docs.length_groups)
-    return sdpa_local(q, k, v, docs.local_mask, half_window)
+        return sdpa_global(q, k, v, docs.length_groups, dropout_p)
+    return sdpa_local(q, k, v, docs.local_mask, half_window, dropout_p)
 
 
-def attention_reference(q, k, v, docs, half_window):
+def attention_reference(q, k, v, docs, half_window, dropout_p=0.0):
     """The definition, dense: an (n, n) mask of same-document pairs, and in a local layer pairs
     at distance <= half_window. O(n^2) time and memory: for tests and for reading."""
     same_doc = docs.doc_ids[:, None] == docs.doc_ids[None, :]             # (n, n)
@@ -264,7 +270,8 @@ def attention_reference(q, k, v, docs, half_window):
         i = torch.arange(len(q), device=q.device)
         same_doc &= (i[:, None] - i[None, :]).abs() <= half_window
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))                      # (heads, n, head_dim)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc, dropout_p=dropout_p)
+    return out.transpose(0, 1)
 
 
 # BERT: dense attention over the padded rectangle, with a mask to hide the padding. ModernBERT:
@@ -273,14 +280,15 @@ def attention_reference(q, k, v, docs, half_window):
 # hand (`cuda_backend`); CPU and MPS run the SDPA path, still unpadded and O(n * window) in local
 # layers. Each kernel maps q, k, v of shape (total_tokens, n_heads, head_dim) to an output of that shape.
 
-def flash_attention(kernel, q, k, v, docs, half_window):
+def flash_attention(kernel, q, k, v, docs, half_window, dropout_p=0.0):
     """Either varlen FlashAttention (flash-attn's flash_attn_varlen_func or torch's varlen_attn,
     same arguments): it reads cu_seqlens (int32) and the longest length (a Python int) directly,
     no padding, no mask tensor. Key j is visible from query i iff i - left <= j <= i + right."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # fp16/bf16 only
     window = (-1, -1) if half_window is None else (half_window, half_window)  # -1: no limit
     cu, longest = docs.cu_seqlens, docs.max_seqlen
-    out = kernel(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, window_size=window)
+    dropout = {"dropout_p": dropout_p} if dropout_p else {}  # flash-attn's only: torch's has none
+    out = kernel(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, window_size=window, **dropout)
     return out.to(q.dtype)
 
 
@@ -361,7 +369,7 @@ def length_groups(docs):
     return order, torch.argsort(order), runs
 
 
-def sdpa_global(q, k, v, groups):
+def sdpa_global(q, k, v, groups, dropout_p=0.0):
     order, inverse, runs = groups
     if order is not None:
         q, k, v = q[order], k[order], v[order]
@@ -369,7 +377,8 @@ def sdpa_global(q, k, v, groups):
     outs = []
     for (n_docs, length), qg, kg, vg in zip(runs, q.split(sizes), k.split(sizes), v.split(sizes)):
         qg, kg, vg = (t.unflatten(0, (n_docs, length)).transpose(1, 2) for t in (qg, kg, vg))
-        outs.append(F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).flatten(0, 1))
+        out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p)
+        outs.append(out.transpose(1, 2).flatten(0, 1))
     out = torch.cat(outs)                                                # (total, heads, head_dim)
     return out if order is None else out[inverse]
 
@@ -387,7 +396,7 @@ def local_block_mask(docs, half_window):
     return (near & (query_doc[:, :, None] == key_doc[:, None, :]))[:, None]
 
 
-def sdpa_local(q, k, v, block_mask, half_window):
+def sdpa_local(q, k, v, block_mask, half_window, dropout_p=0.0):
     """Sliding-window attention in O(n * window): queries go in blocks of w = half_window, and
     block b only looks at key blocks b-1, b, b+1, which hold every key within distance w.
     Padding slots carry document id -1, so a padded query sees only padding and never NaNs."""
@@ -400,7 +409,8 @@ def sdpa_local(q, k, v, block_mask, half_window):
     def neighbourhood(t):  # (n, heads, hd) -> (n_blocks, heads, 3w, hd), overlapping windows
         return F.pad(t, (0, 0, 0, 0, w, pad + w)).unfold(0, 3 * w, w).permute(0, 1, 3, 2)
 
-    out = F.scaled_dot_product_attention(qb, neighbourhood(k), neighbourhood(v), attn_mask=block_mask)
+    out = F.scaled_dot_product_attention(qb, neighbourhood(k), neighbourhood(v), attn_mask=block_mask,
+                                         dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(n_blocks * w, heads, hd)[:n]
 
 
@@ -420,12 +430,14 @@ class MLP(nn.Module):
         self.gated = config.mlp == "geglu"
         self.Wi = nn.Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=config.bias)
         self.Wo = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        # BERT: dropout on the MLP's output too; ModernBERT pretraining dropped nothing here.
+        self.out_drop = nn.Dropout(config.attn_out_dropout) if config.bert_dropout else nn.Identity()
 
     def forward(self, x):
         if not self.gated:  # BERT
-            return self.Wo(F.gelu(self.Wi(x)))
+            return self.out_drop(self.Wo(F.gelu(self.Wi(x))))
         input, gate = self.Wi(x).chunk(2, dim=-1)                        # (total, d_ff) each
-        return self.Wo(F.gelu(input) * gate)
+        return self.out_drop(self.Wo(F.gelu(input) * gate))
 
 
 class Block(nn.Module):
@@ -471,6 +483,7 @@ class ModernBERT(nn.Module):
         if config.positions == "learned":  # BERT (segments: every token has type 0, in this table)
             self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
         self.embed_norm = layer_norm(config)
+        self.embed_drop = nn.Dropout(config.attn_out_dropout) if config.bert_dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         # Pre-norm blocks leave the last output unnormalised; BERT's post-norm ones end on a norm.
         self.final_norm = layer_norm(config) if config.prenorm else nn.Identity()
@@ -518,7 +531,7 @@ class ModernBERT(nn.Module):
         x = self.tok_embeddings(tokens)                                  # (total_tokens, d_model)
         if self.config.positions == "learned":  # BERT: each token's position in its document
             x = x + self.pos_embeddings(docs.positions)
-        x = self.embed_norm(x)
+        x = self.embed_drop(self.embed_norm(x))  # BERT: dropout here too
         for block in self.layers:
             x = block(x, docs)
         return self.final_norm(x)

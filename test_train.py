@@ -79,6 +79,13 @@ def test_lr_schedule_hand_picked_points():
     assert train.lr_at(3, 12_000, 3e-4, 0, 10_000) == pytest.approx(3e-7)  # an overshooting last batch
 
 
+def test_linear_schedule_hand_picked_points():
+    """BERT's shape: warmup over 100 tokens, then a straight line to 0 at the 1000th token."""
+    lr = lambda t, phase=1, warmup=100: train.lr_at(phase, t, 1.0, warmup, 1000, "linear")
+    assert [lr(50), lr(100), lr(550), lr(1000), lr(1200)] == pytest.approx([0.5, 1.0, 0.5, 0.0, 0.0])
+    assert [lr(0, 2, 0), lr(250, 2, 0), lr(750, 3, 0)] == pytest.approx([1.0, 0.75, 0.25])  # later phases: no warmup
+
+
 def test_phase_defaults_keep_the_papers_relations():
     phase1 = dict(train.EVERY_PRESET, seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32,
                   min_batch_size=8, batch_warmup_tokens=5000, micro_batch=8)
@@ -317,6 +324,70 @@ def test_stable_adamw_matches_optimi_per_tensor_clipping():
             torch.testing.assert_close(params[k].detach(), ref[k], rtol=1e-12, atol=1e-12,
                                        msg=lambda m: f"tensor {k}, step {step}: {m}")
     assert clipped == ["", "a", "", "c"]  # the case this test is about did happen
+
+
+def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp_path):
+    """--optimizer adamw --grad_clip: one training step of train.py (two micro-batches) against the
+    step written out by hand from the same initial weights and batch: the gradient of the whole
+    batch scaled to norm 0.05 (a clip this small always bites), then Adam with betas (0.9, 0.999),
+    eps 1e-6 and decoupled decay lr * 0.01 on the matrices only."""
+    out = tmp_path / "out"
+    train.main(tiny_args(data, out, "--optimizer", "adamw", "--grad_clip", "0.05", "--weight_decay", "0.01",
+                         "--dropout", "0", "--max_steps", "1", "--min_batch_size", "4"))
+    step = [r for r in log_of(out, 1) if "loss" in r][0]
+    ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
+    s = ckpt["run"]
+    torch.manual_seed(s["seed"])  # the same initial weights as the run
+    model = ModernBERT(Config(**ckpt["config"]))
+    meta = train.load_meta(data)
+    train_data = train.TrainData(data, meta, s["seq_len"], s["seed"], 1, s["mask_rate"])
+    keys, _ = train_data.take([0, 0], 4)
+    micro = [train_data.batch(keys[i:i + 2], "cpu") for i in (0, 2)]
+    train.forward_backward(model, micro, 1, train.nullcontext)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    assert step["grad_norm"] == pytest.approx(norm.item(), rel=1e-5) and norm > 0.05
+    lr = step["lr"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = grads[name] * 0.05 / norm
+            m, v = 0.1 * g, 0.001 * g * g                         # first step: from zero moments
+            m_hat, v_hat = m / 0.1, v / 0.001                     # bias correction at t = 1
+            decay = 0.01 if p.dim() >= 2 else 0.0
+            expected = p * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + 1e-6)
+            torch.testing.assert_close(ckpt["model"][name], expected, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tmp_path):
+    """Each BERT switch: in the run settings (log and checkpoint) or the model config; kept by
+    --resume (a different value is refused) and by phase 2; the LR follows the linear shape."""
+    out = tmp_path / "out"
+    flags = ["--optimizer", "adamw", "--grad_clip", "1", "--schedule", "linear", "--dropout_mode", "bert",
+             "--positions", "learned", "--mlp", "gelu", "--bias", "on", "--prenorm", "off",
+             "--global_every", "1", "--tokens", "1200", "--batch_warmup_tokens", "0", "--min_batch_size", "4"]
+    train.main(tiny_args(data, out, *flags, "--max_steps", "3"))
+    train.main(tiny_args(data, out, *flags, "--resume"))
+    start = log_of(out, 1)[0]
+    recipe = dict(optimizer="adamw", grad_clip=1.0, schedule="linear", dropout_mode="bert")
+    ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
+    for settings in (start["settings"], ckpt["run"]):
+        assert {k: settings[k] for k in recipe} == recipe
+    model = dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1, bert_dropout=True)
+    assert {k: ckpt["config"][k] for k in model} == model
+    assert "exp_avg" in ckpt["optimizer"]["state"][0]  # torch's AdamW, not StableAdamW ("m", "v")
+    steps = [r for r in log_of(out, 1) if "loss" in r]
+    assert ckpt["finished"] and all("grad_norm" in r for r in steps)
+    assert [r["lr"] for r in steps] == pytest.approx(
+        [train.lr_at(1, r["tokens"], 3e-3, 256, 1200, "linear") for r in steps])
+    assert steps[-1]["lr"] == 0.0
+    with pytest.raises(SystemExit, match="--schedule wsd differs from linear"):
+        train.main(tiny_args(data, out, *flags, "--resume", "--schedule", "wsd"))
+    train.main(["--data", str(data), "--out", str(out), "--phase", "2", "--device", "cpu", "--dtype", "fp32",
+                "--eval_tokens", "128", "--seq_len", "32", "--max_steps", "1"])
+    assert {k: log_of(out, 2)[0]["settings"][k] for k in recipe} == recipe
+    default = train.phase_settings(train.get_args([]), train.PhaseStart(), 1)
+    assert {k: default[k] for k in recipe} == dict(optimizer="stableadamw", grad_clip=0.0, schedule="wsd",
+                                                   dropout_mode="modernbert")
 
 
 def test_weight_decay_groups():
@@ -571,6 +642,39 @@ def test_dropout_on_in_training_off_in_eval_and_new_at_every_step(tmp_path, monk
     for i in range(4):
         for j in range(i):
             assert not torch.equal(first_layer[i], first_layer[j]), (i, j)
+
+
+def test_bert_dropout_goes_where_bert_put_it(monkeypatch):
+    """--dropout_mode bert (Config.bert_dropout): one dropout after the embedding norm, then per
+    layer on the attention probabilities (SDPA's dropout_p), the attention output and the MLP
+    output, all at p; ModernBERT's mode: the attention output only. Eval mode: none of them, so
+    two evals agree exactly, while two training forwards differ."""
+    calls = []
+    real_dropout, real_sdpa = torch.nn.functional.dropout, torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "dropout",
+                        lambda x, p=0.5, training=True, inplace=False:
+                        calls.append(("dropout", p, training)) or real_dropout(x, p, training, inplace))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, dropout_p=0.0, **k: calls.append(("probs", dropout_p, True)) or
+                        real_sdpa(*a, dropout_p=dropout_p, **k))
+    ids = torch.randint(5, 64, (40,))
+    cu_seqlens = torch.tensor([0, 20, 40], dtype=torch.int32)  # equal lengths: one SDPA call per layer
+    for bert, expected in [(True, [("dropout", 0.1, True)] + [("probs", 0.1, True), ("dropout", 0.1, True),
+                                                             ("dropout", 0.1, True)] * 3),
+                           (False, [("probs", 0.0, True), ("dropout", 0.1, True)] * 3)]:
+        torch.manual_seed(0)
+        model = ModernBERT(Config(vocab_size=64, n_layers=3, d_model=32, n_heads=2, d_ff=48, window=8,
+                                  attn_out_dropout=0.1, bert_dropout=bert))
+        calls.clear()
+        a = model.encode(ids, cu_seqlens=cu_seqlens)
+        assert calls == expected, (bert, calls)
+        b = model.encode(ids, cu_seqlens=cu_seqlens)
+        assert not torch.equal(a, b)
+        model.eval()
+        calls.clear()
+        c, d = model.encode(ids, cu_seqlens=cu_seqlens), model.encode(ids, cu_seqlens=cu_seqlens)
+        assert torch.equal(c, d) and all(p == 0 or not on for _, p, on in calls if _ == "probs") and \
+            all(not on for kind, _, on in calls if kind == "dropout")
 
 
 def test_later_phases_continue_weights_and_adam_moments(data, tmp_path):

@@ -58,8 +58,18 @@ EVERY_PRESET = dict(weight_decay=1e-5, dropout=0.1, mask_rate=0.3, seed=1337,
                     later_lr_factor=3 / 8, later_weight_decay_factor=1.0)
 RUN_KEYS = ["seq_len", "tokens", "lr", "warmup_tokens", "batch_size", "min_batch_size",
             "batch_warmup_tokens", "micro_batch", "weight_decay", "dropout", "mask_rate", "seed"]
+# BERT's recipe, switch by switch (ModernBERT's first): the optimizer, gradient-norm clipping (0:
+# none; StableAdamW clips each update instead), the LR shape, and where dropout goes. Run
+# settings like the others: saved in the checkpoint, so --resume and phases 2 and 3 keep them.
+RECIPE_SWITCHES = dict(optimizer=["stableadamw", "adamw"], schedule=["wsd", "linear"],
+                       dropout_mode=["modernbert", "bert"])
+RECIPE_DEFAULTS = dict(optimizer="stableadamw", grad_clip=0.0, schedule="wsd",
+                       dropout_mode="modernbert")
 LATER_KEYS = ["later_lr_factor", "later_weight_decay_factor"]  # from the preset only, no flags
-MODEL_KEYS = ["n_layers", "d_model", "n_heads", "d_ff", "window"]
+MODEL_KEYS = ["n_layers", "d_model", "n_heads", "d_ff", "window", "global_every"]
+# BERT's parts (modernbert.py's Config switches), as flags: a rung of ablate.py is only flags.
+MODEL_SWITCHES = dict(positions=["rope", "learned"], mlp=["geglu", "gelu"],
+                      bias=[False, True], prenorm=[True, False])
 
 # The paper's token budgets in billions (1.719T, 250B, 50B). Phases 2 and 3 keep these proportions
 # to the phase before them unless --tokens says otherwise.
@@ -137,7 +147,8 @@ def train(args, device, rank, world):
                                        s["batch_warmup_tokens"])
             keys, position = data.take(position, batch_size)
             step_tokens = sum(n for _, i in keys for _, n in data.rows[i])
-            lr = lr_at(phase, tokens + step_tokens, s["lr"], s["warmup_tokens"], s["tokens"])
+            lr = lr_at(phase, tokens + step_tokens, s["lr"], s["warmup_tokens"], s["tokens"],
+                       s["schedule"])
             mine = keys[rank::world]  # this process's share of the global batch
             micro_batches = [data.batch(mine[i:i + s["micro_batch"]], device)
                              for i in range(0, len(mine), s["micro_batch"])]
@@ -149,6 +160,10 @@ def train(args, device, rank, world):
                      "last good checkpoint "
                      f"({ckpt_path if os.path.exists(ckpt_path) else 'none yet'}) is intact. "
                      "Try a lower --lr")
+            clipped = {}
+            if s["grad_clip"]:  # BERT: the whole gradient's norm capped (after DDP's all-reduce)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+                clipped = dict(grad_norm=norm.item())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
@@ -162,7 +177,7 @@ def train(args, device, rank, world):
                             tok_s=f"{tokens_per_s:,.0f}",
                             mfu="n/a" if mfu is None else f"{mfu:.1%}")
             write_log(log, phase, step=step, tokens=tokens, loss=train_loss, lr=lr,
-                      batch_size=batch_size, tokens_per_s=tokens_per_s, mfu=mfu)
+                      batch_size=batch_size, tokens_per_s=tokens_per_s, mfu=mfu, **clipped)
             if step % args.eval_every == 0:
                 last_eval = (step, evaluate(model, evals, autocast, world))
                 report_eval(log, phase, step, tokens, *last_eval[1])
@@ -279,7 +294,8 @@ def phase_settings(args, start, world):
     else:
         preset = TRAIN_PRESETS[args.preset]
         settings = {**EVERY_PRESET, **{k: v for k, v in preset.items() if k in RUN_KEYS + LATER_KEYS}}
-    for key in RUN_KEYS:
+    settings = {**RECIPE_DEFAULTS, **settings}  # (checkpoints from before the recipe switches)
+    for key in RUN_KEYS + list(RECIPE_DEFAULTS):
         value = getattr(args, key)
         if value is not None and start.resumed and value != settings[key]:
             fail(f"--{key} {value} differs from {settings[key]} in {start.path}: --resume "
@@ -315,10 +331,11 @@ def derived_settings(phase, prev):
 
 
 def model_and_optimizer(args, meta, start, s, device):
-    """The model (continued, tiled up from a smaller one, or fresh) and its StableAdamW."""
+    """The model (continued, tiled up from a smaller one, or fresh) and its optimizer."""
     config = model_config(args, meta, start)
     config.global_theta = 10_000.0 if args.phase == 1 else 160_000.0  # local layers stay at 10k
     config.attn_out_dropout = s["dropout"]
+    config.bert_dropout = s["dropout_mode"] == "bert"
     if config.positions == "rope" or not start.source:  # a learned table keeps its trained length
         config.max_seq_len = s["seq_len"]
     if s["seq_len"] > config.max_seq_len:
@@ -339,7 +356,7 @@ def model_and_optimizer(args, meta, start, s, device):
         except RuntimeError as e:
             fail(f"{start.path} does not fit the model: {e}")
     model.to(device)
-    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+    optimizer = make_optimizer(model, s["lr"], s["weight_decay"], s["optimizer"])
     if start.source:
         optimizer.load_state_dict(start.source["optimizer"])  # phases 2 and 3 keep Adam's moments
     optimizer.param_groups[0]["weight_decay"] = s["weight_decay"]
@@ -351,11 +368,12 @@ def model_and_optimizer(args, meta, start, s, device):
 def model_config(args, meta, start):
     """A continued model keeps its shape (flags may only repeat it); a new one is the preset's
     model with the flags' changes."""
-    overrides = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in MODEL_KEYS + list(MODEL_SWITCHES)
+                 if getattr(args, k) is not None}
     if start.source:
         config = Config(**start.source["config"])
         requested = {**(asdict(config_for(args.model)) if args.model else {}), **overrides}
-        for key in MODEL_KEYS:
+        for key in MODEL_KEYS + list(MODEL_SWITCHES):
             if key in requested and requested[key] != getattr(config, key):
                 fail(f"the model in {start.path} has {key} {getattr(config, key)}, the flags ask "
                      f"for {requested[key]}: phase {args.phase} continues that model")
@@ -380,13 +398,19 @@ def print_banner(args, model, s, data, start, device, bf16, peak, use_compile, w
           f"{data.efficiency:.2%}; eval on {args.eval_tokens:,} val tokens, 15% masked")
     shape = {1: f"after {s['warmup_tokens']:,} warmup tokens", 2: "constant",
              3: f"decaying as 1 - sqrt to {DECAY_FLOOR * s['lr']:g}"}[phase]
+    if s["schedule"] == "linear":
+        shape = f"after {s['warmup_tokens']:,} warmup tokens, decaying linearly to 0"
     batch = (f"{s['min_batch_size']} -> {s['batch_size']} sequences over "
              f"{s['batch_warmup_tokens']:,} tokens"
-             if s["min_batch_size"] < s["batch_size"] else f"{s['batch_size']} sequences")
+             if s["min_batch_size"] < s["batch_size"] and s["batch_warmup_tokens"]
+             else f"{s['batch_size']} sequences")
     mfu = (f"MFU against {peak / 1e12:.3g} TFLOP/s{' (measured matmul)' if device == 'cpu' else ''}"
            if peak else "MFU n/a")
     print(f"schedule: {s['tokens']:,} tokens, peak LR {s['lr']:g} {shape}; batch {batch}, "
           f"micro-batch {s['micro_batch']}; {mfu}")
+    clip = f", gradient norm clipped at {s['grad_clip']:g}" if s["grad_clip"] else ""
+    print(f"recipe: {s['optimizer']}{clip}, weight decay {s['weight_decay']:g}, "
+          f"{s['mask_rate']:.0%} masked, dropout {s['dropout']:g} ({s['dropout_mode']}'s places)")
 
 
 def open_log(phase_dir, data_dir, append):
@@ -407,9 +431,15 @@ def write_log(log, phase, **fields):
 
 # ----------------------------------------------------------------------------- schedules
 
-def lr_at(phase, tokens, peak, warmup_tokens, total_tokens):
+def lr_at(phase, tokens, peak, warmup_tokens, total_tokens, schedule="wsd"):
     """Learning rate for a step, read at `tokens` = tokens seen once this step's batch is in (so
-    warmup's first step is not zero and the decay lands exactly on its floor at the end)."""
+    warmup's first step is not zero and the decay lands exactly on its floor at the end).
+    wsd: ModernBERT's warmup-stable-decay, one part per phase. linear: BERT's, in every phase a
+    linear warmup (phase 1) and then a linear decay to zero at the phase's last token."""
+    if schedule == "linear":
+        if tokens < warmup_tokens:
+            return peak * tokens / warmup_tokens
+        return peak * max(0.0, (total_tokens - tokens) / (total_tokens - warmup_tokens))
     if phase == 1:  # linear warmup, then constant
         return peak * min(1.0, tokens / warmup_tokens) if warmup_tokens else peak
     if phase == 2:  # constant, no warmup
@@ -617,13 +647,16 @@ class StableAdamW(torch.optim.Optimizer):
                 p.sub_(m_hat / (v_hat.sqrt() + eps) * clipped_lr)
 
 
-def make_optimizer(model, lr, weight_decay):
+def make_optimizer(model, lr, weight_decay, kind="stableadamw"):
     # Matrices (the embedding included) decay; norms and biases (1-D) do not.
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() >= 2]
     vectors = [p for p in params if p.dim() < 2]
-    return StableAdamW([{"params": matrices, "weight_decay": weight_decay},
-                        {"params": vectors, "weight_decay": 0.0}], lr=lr)
+    groups = [{"params": matrices, "weight_decay": weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
+    if kind == "adamw":  # BERT: Adam, betas (0.9, 0.999), eps 1e-6, decay lr * wd (BERT: 0.01)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+    return StableAdamW(groups, lr=lr)
 
 
 # -------------------------------------------------------------------------- evaluation, checkpoints
@@ -859,6 +892,13 @@ def get_args(argv):
                    help="modernbert.py's model preset (default: --preset's)")
     for key in MODEL_KEYS:
         g.add_argument(f"--{key}", type=int, help=f"override the preset's {key}")
+    g.add_argument("--positions", choices=MODEL_SWITCHES["positions"],
+                   help="rope (ModernBERT) or learned (BERT: an absolute position table)")
+    g.add_argument("--mlp", choices=MODEL_SWITCHES["mlp"], help="geglu (ModernBERT) or gelu (BERT)")
+    g.add_argument("--bias", type=on_off, metavar="{on,off}",
+                   help="biases in linear layers and norms (BERT: on; ModernBERT: off)")
+    g.add_argument("--prenorm", type=on_off, metavar="{on,off}",
+                   help="pre-norm blocks (ModernBERT: on) or post-norm (BERT: off)")
     g = p.add_argument_group("run settings (default: --preset's in phase 1, derived from the "
                              "previous phase in 2 and 3)")
     count = lambda s: int(float(s))  # accepts 3e6
@@ -879,6 +919,21 @@ def get_args(argv):
                    help=f"attention-output dropout (default {EVERY_PRESET['dropout']})")
     g.add_argument("--mask_rate", type=float,
                    help=f"share of tokens masked in training (default {EVERY_PRESET['mask_rate']})")
+    g.add_argument("--optimizer", choices=RECIPE_SWITCHES["optimizer"],
+                   help="stableadamw (ModernBERT) or adamw (BERT: torch's AdamW, betas 0.9, "
+                        "0.999, eps 1e-6; pair it with --grad_clip 1 --weight_decay 0.01) "
+                        "(default stableadamw)")
+    g.add_argument("--grad_clip", type=float,
+                   help="clip the gradient's global norm to this before each step; 0: off "
+                        "(BERT: 1.0) (default 0)")
+    g.add_argument("--schedule", choices=RECIPE_SWITCHES["schedule"],
+                   help="LR shape: wsd (ModernBERT: warmup, constant, then phase 3's decay) or "
+                        "linear (BERT: warmup, then linear decay to 0 in each phase) "
+                        "(default wsd)")
+    g.add_argument("--dropout_mode", choices=RECIPE_SWITCHES["dropout_mode"],
+                   help="where --dropout applies: modernbert (the attention output only) or bert "
+                        "(also embeddings, attention probabilities, MLP output) "
+                        "(default modernbert)")
     g.add_argument("--seed", type=int,
                    help=f"seed of init, data order, masks and dropout "
                         f"(default {EVERY_PRESET['seed']})")
@@ -904,6 +959,12 @@ def get_args(argv):
     return args
 
 
+def on_off(text):
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 def check_args(p, args):
     """Every numeric flag in its range, before anything is read, trained or written: argparse's
     one-line error and exit status 2. (Settings that come from a checkpoint are checked against
@@ -918,7 +979,8 @@ def check_args(p, args):
             p.error(f"--{key} must be at least {low}{why}, got {value}")
     for key, ok, rule in [("lr", lambda v: v > 0, "positive"), ("weight_decay", lambda v: v >= 0, "at least 0"),
                           ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-                          ("mask_rate", lambda v: 0 < v < 1, "in (0, 1)")]:
+                          ("mask_rate", lambda v: 0 < v < 1, "in (0, 1)"),
+                          ("grad_clip", lambda v: v >= 0, "at least 0")]:
         value = getattr(args, key)
         if value is not None and not ok(value):
             p.error(f"--{key} must be {rule}, got {value}")
@@ -926,7 +988,8 @@ def check_args(p, args):
         p.error(f"--micro_batch {args.micro_batch} is larger than --batch_size {args.batch_size}")
     if args.batch_size and args.min_batch_size and args.min_batch_size > args.batch_size:
         p.error(f"--min_batch_size {args.min_batch_size} is larger than --batch_size {args.batch_size}")
-    shape = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
+    shape = {k: getattr(args, k) for k in MODEL_KEYS + list(MODEL_SWITCHES)
+             if getattr(args, k) is not None}
     try:  # a model shape that cannot exist (heads that do not divide d_model, an odd window, ...)
         config_for(args.model or TRAIN_PRESETS[args.preset]["model"], **shape)
     except ValueError as e:

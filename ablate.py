@@ -1,0 +1,596 @@
+"""
+What each of ModernBERT's changes buys, measured.
+
+The ladder: BERT (its architecture and its recipe) at train.py's default size, then ModernBERT's
+changes added one at a time, each rung keeping the ones before it, up to ModernBERT as train.py
+trains it by default; then ModernBERT with one change taken back out (leave-one-out). Every rung
+is a real `python train.py --phase 1` run, on the same data, the same token budget and the same
+fixed eval set (train.py's, 15% masked), in its own process and its own runs/ablate/RUNG/.
+
+    python ablate.py                                  # the ladder, 3 seeds at both ends
+    python ablate.py --rungs bert,modernbert --tokens 3e5 --seeds 1
+    python ablate.py --long_range --run out           # what phases 2 and 3 buy: long-range use
+
+Writes runs/ablate/results.md (the table), results.json and val_acc.png (val accuracy against
+tokens, one line per rung). A rung that finished is reused and an interrupted one resumed, so
+running the command again after a crash loses nothing.
+
+--long_range evaluates a run's phase 1, 2 and 3 checkpoints on long rows (2048, 4096, 8192
+tokens): MLM accuracy by the distance to the previous occurrence of the masked token in its
+document, and a planted probe (a made-up key -> identifier pair defined once, then masked at a
+chosen distance). Writes runs/ablate/long_range.md, .json and .png.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import train
+from modernbert import Config, ModernBERT
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------- the ladder
+
+# Each change: its name, what the table calls it, the row of the README's paper-to-code table it
+# tests (None: not in it), and train.py's flags for BERT's way and for ModernBERT's. ModernBERT's
+# flags are train.py's defaults, so the top rung is the default phase-1 run (at the ladder's
+# budget). Architecture first, then the recipe, each in the order the paper-to-code table lists
+# it: the recipe's changes are then measured on the architecture they were tuned for.
+CHANGES = [
+    ("prenorm", "pre-norm blocks", "Pre-norm blocks, final norm",
+     dict(prenorm="off"), dict(prenorm="on")),
+    ("no_bias", "no biases", "No biases", dict(bias="on"), dict(bias="off")),
+    # BERT's GELU MLP at d_ff 768 has the weights and FLOPs of mini's GeGLU at 512 (2 x 768 =
+    # 3 x 512; modernbert.py's bert-mini): the rung measures the gate, not a change of size.
+    ("geglu", "GeGLU MLP", "GeGLU MLP", dict(mlp="gelu", d_ff=768), dict(mlp="geglu", d_ff=512)),
+    ("rope", "RoPE", "Rotary positions (RoPE)", dict(positions="learned"),
+     dict(positions="rope")),
+    ("alternating", "alternating local/global attention", "Alternating global/local attention",
+     dict(global_every=1), dict(global_every=3)),
+    ("mask30", "30% masking", "30% masking, no next-sentence prediction", dict(mask_rate=0.15),
+     dict(mask_rate=0.3)),
+    # BERT: Adam with decay 0.01 and the gradient norm clipped at 1; ModernBERT: StableAdamW,
+    # decay 1e-5 (fully decoupled), nothing clipped but each tensor's update.
+    ("stableadamw", "StableAdamW", "StableAdamW",
+     dict(optimizer="adamw", grad_clip=1.0, weight_decay=0.01),
+     dict(optimizer="stableadamw", grad_clip=0.0, weight_decay=1e-5)),
+    ("wsd", "warmup-stable-decay LR", "Warmup-stable-decay schedule", dict(schedule="linear"),
+     dict(schedule="wsd")),
+    # ModernBERT's: the batch grows from 4 to 16 sequences over half the budget, as in train.py.
+    ("batch_warmup", "batch-size warmup", "Batch-size warmup", dict(batch_warmup_tokens=0), {}),
+    # Pretraining dropout: BERT 0.1 on embeddings, attention probabilities and both sublayer
+    # outputs; ModernBERT 0.1 on the attention output only.
+    ("dropout", "ModernBERT's dropout", None, dict(dropout_mode="bert"),
+     dict(dropout_mode="modernbert")),
+]
+README_ANCHOR = "#from-the-paper-to-the-code"
+LADDER = ["bert"] + [name for name, *_ in CHANGES[:-1]] + ["modernbert"]
+DEFAULT_LEAVE_ONE_OUT = ["modernbert-wsd", "modernbert-batch_warmup"]
+# The two ends, run on --seeds seeds; train.py's default seed first.
+ENDS, FIRST_SEED = ["bert", "modernbert"], train.EVERY_PRESET["seed"]
+# train.py's laptop preset at the ladder's budget: the LR warmup and batch warmup keep their
+# shares of the budget (50k and 1.6M of 3.2M tokens).
+DEFAULT_TOKENS = 1_000_000
+EVAL_POINTS = 12  # evals per rung without batch warmup (those with it have more steps)
+
+
+def rung_flags(rung):
+    """train.py flags (a dict) of a rung: "bert", a ladder rung named after the change it adds,
+    "modernbert", or "modernbert-CHANGE" (ModernBERT with that change back at BERT's)."""
+    names = [name for name, *_ in CHANGES]
+    if rung.startswith("modernbert-") and rung[len("modernbert-"):] in names:
+        left_out = rung[len("modernbert-"):]
+        flags = {}
+        for name, _, _, bert, modern in CHANGES:
+            flags.update(bert if name == left_out else modern)
+        return flags
+    if rung not in LADDER:
+        raise ValueError(f"unknown rung {rung!r}")
+    added = len(CHANGES) if rung == "modernbert" else LADDER.index(rung)  # changes in place
+    flags = {}
+    for i, (*_, bert, modern) in enumerate(CHANGES):
+        flags.update(modern if i < added else bert)
+    return flags
+
+
+def rung_change(rung):
+    """What the rung changes, for the table, linked to the paper-to-code row it tests."""
+    if rung == "bert":
+        return "BERT: architecture and recipe"
+    for name, label, row, _, _ in CHANGES:
+        link = f" ([{row}]({README_ANCHOR}))" if row else ""
+        if rung == name or (rung == "modernbert" and name == "dropout"):
+            return f"+ {label}{link}" + (" = ModernBERT" if rung == "modernbert" else "")
+        if rung == f"modernbert-{name}":
+            return f"ModernBERT without {label}{link}"
+    return rung
+
+
+def train_command(rung, seed, args, dtype):
+    """The exact train.py command line of one rung: the budget's settings, the rung's flags,
+    then anything given after `--`."""
+    tokens = args.tokens
+    flags = {"data": args.data, "out": rung_dir(args.out, rung, seed), "model": "mini",
+             "seed": seed, "tokens": tokens, "warmup_tokens": tokens // 64,
+             "batch_warmup_tokens": tokens // 2, "device": "cpu", "dtype": dtype,
+             "eval_every": max(1, round(tokens / (16 * 256) / EVAL_POINTS)), **rung_flags(rung)}
+    return [sys.executable, os.path.join(HERE, "train.py"), "--phase", "1"] + \
+        [part for key, value in flags.items() for part in (f"--{key}", str(value))] + \
+        args.train_extra
+
+
+def rung_dir(out, rung, seed):
+    return os.path.join(out, rung if seed == FIRST_SEED else f"{rung}-seed{seed}")
+
+
+def finished(run_dir):
+    """True if the rung's phase 1 finished; False if it never started or stopped midway."""
+    ckpt = os.path.join(run_dir, "phase1", "ckpt.pt")
+    return os.path.exists(ckpt) and bool(torch.load(ckpt, weights_only=True).get("finished"))
+
+
+def run_rung(job, args, dtype, progress):
+    """One rung (one seed) as a train.py subprocess with --threads threads: resumed if it was
+    interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt."""
+    rung, seed = job
+    run_dir = rung_dir(args.out, rung, seed)
+    name = rung + ("" if seed == FIRST_SEED else f" (seed {seed})")
+    if finished(run_dir):
+        progress(f"{name}: finished before, reused", done=True)
+        return
+    cmd = train_command(rung, seed, args, dtype)
+    ckpt = os.path.join(run_dir, "phase1", "ckpt.pt")
+    cmd += ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
+    os.makedirs(run_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    progress(f"{name}: started")
+    start = time.time()
+    try:
+        with open(os.path.join(run_dir, "train.txt"), "a") as console:
+            console.write(" ".join(cmd) + "\n")
+            console.flush()
+            code = subprocess.run(cmd, stdout=console, stderr=subprocess.STDOUT, env=env).returncode
+    finally:  # wall time adds up over resumed attempts
+        timing = os.path.join(run_dir, "wall_s.json")
+        spent = json.load(open(timing)) if os.path.exists(timing) else 0.0
+        json.dump(spent + time.time() - start, open(timing, "w"))
+    if code:
+        raise SystemExit(f"ablate.py: error: {name} failed (exit {code}); see "
+                         f"{run_dir}/train.txt, then run ablate.py again to resume it")
+    result = read_result(run_dir)
+    progress(f"{name}: done in {result['wall_s'] / 60:.1f} min, val acc {result['val_acc']:.2%}",
+             done=True)
+
+
+def read_result(run_dir):
+    """What the table needs from a finished rung: its log and its checkpoint's shape."""
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "phase1", "log.jsonl"))]
+    evals = [(r["tokens"], r["val_loss"], r["val_acc"]) for r in log if "val_acc" in r]
+    speeds = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
+    config = torch.load(os.path.join(run_dir, "phase1", "ckpt.pt"), weights_only=True)["config"]
+    params = sum(p.numel() for p in ModernBERT(Config(**config)).parameters())
+    return dict(params=params, tokens_per_s=float(np.median(speeds)),
+                wall_s=json.load(open(os.path.join(run_dir, "wall_s.json"))),
+                tokens=evals[-1][0], val_loss=evals[-1][1], val_acc=evals[-1][2],
+                curve=[(t, acc) for t, _, acc in evals])
+
+
+def ladder(args):
+    jobs = [(rung, FIRST_SEED) for rung in args.rungs]
+    jobs += [(rung, FIRST_SEED + i) for i in range(1, args.seeds) for rung in ENDS
+             if rung in args.rungs]
+    dtype = args.dtype
+    if dtype == "auto":  # measured once, so that every rung runs in the same precision
+        dtype = "bf16" if train.speed_setup("cpu", "auto", "off")[0] else "fp32"
+    print(f"ablate.py: {len(jobs)} train.py runs of {args.tokens:,} tokens, {args.jobs} at a "
+          f"time, {args.threads} thread(s) each, {dtype}; logs in {args.out}/RUNG/train.txt")
+    finished_jobs = []
+
+    def progress(message, done=False):
+        finished_jobs.extend([message] if done else [])
+        print(f"[{time.strftime('%H:%M:%S')}] {message} ({len(finished_jobs)}/{len(jobs)} done)",
+              flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on their subprocesses
+        for future in [pool.submit(run_rung, job, args, dtype, progress) for job in jobs]:
+            future.result()
+    results = {f"{rung}@{seed}": read_result(rung_dir(args.out, rung, seed)) for rung, seed in jobs}
+    table = results_table(args, results, jobs, dtype)
+    print(table)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    commands = {key: " ".join(["python"] + train_command(rung, seed, args, dtype)[1:])
+                for key, (rung, seed) in zip(results, jobs)}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"tokens": args.tokens, "dtype": dtype, "runs": results, "commands": commands},
+                  f, indent=1)
+    plot_curves(args, results, jobs, os.path.join(args.out, "val_acc.png"))
+    print(f"wrote {args.out}/results.md, results.json, val_acc.png")
+
+
+def results_table(args, results, jobs, dtype):
+    """The markdown table: one row per rung (its first seed), and the seeds' spread at the ends."""
+    lines = [f"Phase 1 on `{args.data}`, {args.tokens:,} tokens per rung, {dtype}, "
+             f"{args.threads} thread(s) per run, {args.jobs} at a time, seed {FIRST_SEED}; val = "
+             "train.py's fixed eval set (15% masked).", "",
+             "| rung | what changes | parameters | tokens/s | wall time | val loss | val acc |",
+             "|---|---|---|---|---|---|---|"]
+    for rung in args.rungs:
+        r = results[f"{rung}@{FIRST_SEED}"]
+        lines.append(f"| {rung} | {rung_change(rung)} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['tokens_per_s']:,.0f} | {r['wall_s'] / 60:.1f} min | "
+                     f"{r['val_loss']:.3f} | {r['val_acc']:.2%} |")
+    seeds = sorted({seed for _, seed in jobs})
+    if len(seeds) > 1:
+        lines += ["", f"Seed-to-seed spread ({len(seeds)} seeds: {', '.join(map(str, seeds))}):",
+                  "", "| rung | val acc per seed | mean | max - min | std |",
+                  "|---|---|---|---|---|"]
+        for rung in [r for r in ENDS if r in args.rungs]:
+            accs = [results[f"{rung}@{s}"]["val_acc"] for s in seeds]
+            per_seed = ", ".join(f"{a:.2%}" for a in accs)
+            lines.append(f"| {rung} | {per_seed} | "
+                         f"{np.mean(accs):.2%} | {(max(accs) - min(accs)) * 100:.2f} points | "
+                         f"{np.std(accs, ddof=1) * 100:.2f} points |")
+    return "\n".join(lines)
+
+
+def plot_curves(args, results, jobs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(args.rungs)))
+    for rung, color in zip(args.rungs, colors):
+        for seed in sorted({s for r, s in jobs if r == rung}):
+            curve = np.array(results[f"{rung}@{seed}"]["curve"])
+            first = seed == FIRST_SEED
+            ax.plot(curve[:, 0] / 1e6, curve[:, 1] * 100, color=color,
+                    lw=1.8 if first else 0.7, ls="--" if rung.startswith("modernbert-") else "-",
+                    label=rung if first else None)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("val MLM accuracy, 15% masked (%)")
+    ax.set_title(f"The ladder, BERT -> ModernBERT, phase 1 ({args.tokens:,} tokens per rung; "
+                 "thin lines: other seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- long range
+# Plain MLM accuracy by position is flat (most masked code tokens are predictable from the
+# +-64-token window); long-range use shows in the tokens that need something far away. Two
+# measures, on rows of phase 2's length (2048) and longer:
+# 1. real val documents: accuracy by the distance to the previous occurrence of the masked token
+#    in its row, the same 15% masks as train.py's eval set;
+# 2. a planted probe: a made-up key -> identifier pair ([K, X]) written near the start of a
+#    window of real val code, and [K, [MASK]] at distance d further on: only a model that looks
+#    d tokens back can fill in X. Without the definition (the control) X cannot be guessed.
+
+BUCKETS = ["<= 64", "65-256", "257-1024", "> 1024", "first"]
+ROW_LENGTHS = [2048, 4096, 8192]
+PROBE_DISTANCES = [32, 128, 512, 1024, 2048, 4096]
+PAIRS_PER_ROW = 8   # [K, X] definitions 4 tokens apart, each used once at every distance
+PLANT_AT = 16       # the first definition's position in its window
+
+
+def previous_distances(ids):
+    """For each position: how many tokens back the same id occurred last (0: never before)."""
+    last, out = {}, np.zeros(len(ids), dtype=np.int64)
+    for i, token in enumerate(np.asarray(ids).tolist()):
+        out[i] = i - last[token] if token in last else 0
+        last[token] = i
+    return out
+
+
+def bucket_of(distances):
+    """Index into BUCKETS: <= 64, 65-256, 257-1024, > 1024, and 4 for a first occurrence (0)."""
+    distances = np.asarray(distances)
+    return np.where(distances == 0, 4, np.searchsorted([64, 256, 1024], distances))
+
+
+def load_phase(run, phase, max_len):
+    """A phase's trained model, in eval mode, able to read rows of max_len tokens."""
+    path = os.path.join(run, f"phase{phase}", "ckpt.pt")
+    if not os.path.exists(path):
+        fail(f"{path} does not exist: --long_range reads a run's three phases "
+             f"(python train.py --phase {phase} --out {run})")
+    try:
+        ckpt = train.load_checkpoint(path)
+    except ValueError as e:
+        fail(str(e))
+    known = Config.__dataclass_fields__
+    config = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    if config.positions != "rope":
+        fail(f"{path} has learned positions, which stop at {config.max_seq_len}; "
+             "--long_range needs a RoPE model")
+    model = ModernBERT(replace(config, max_seq_len=max_len))  # RoPE: any length, no table
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model, rows, autocast, max_tokens):
+    """rows: (inputs, labels) pairs of 1-D arrays, each one document piece. Packs them into
+    forward passes of at most max_tokens and returns, per row, whether each labelled position
+    (in order) was predicted right."""
+    correct, batch = [], []
+
+    def flush():
+        if batch:
+            ids, cu_seqlens, labels = train.to_device([i for i, _ in batch], [l for _, l in batch],
+                                                      [[(0, len(i))] for i, _ in batch], "cpu")
+            with autocast():
+                logits, _ = model(ids, cu_seqlens=cu_seqlens, labels=labels)
+            hits = (logits.argmax(-1) == labels[labels != -100]).numpy()
+            counts = [int((l != -100).sum()) for _, l in batch]
+            correct.extend(np.split(hits, np.cumsum(counts)[:-1]))
+            batch.clear()
+
+    for row in rows:
+        if batch and sum(len(i) for i, _ in batch) + len(row[0]) > max_tokens:
+            flush()
+        batch.append(row)
+    flush()
+    return correct
+
+
+def long_documents(data, max_len, probe_tokens):
+    """Val documents of at least 2048 tokens, in file order, each cut to its first max_len
+    tokens, until probe_tokens: [(start, end)] in the val stream."""
+    _, offsets = train.load_split(data, "val")
+    docs, n = [], 0
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        if end - start >= min(ROW_LENGTHS) and n < probe_tokens:
+            docs.append((start, min(end, start + max_len)))
+            n += docs[-1][1] - start
+    return docs
+
+
+def distance_accuracy(model, data, meta, docs, row_len, autocast):
+    """Per bucket (correct, count) over the documents cut into rows of row_len tokens, masked as
+    train.py's eval set masks the val stream; distances are counted inside each row, where the
+    model can see them."""
+    tokens, _ = train.load_split(data, "val")
+    special, ordinary = train.special_and_ordinary_ids(meta)
+    inputs, labels = train.mask_tokens(tokens.astype(np.int64),
+                                       np.random.default_rng(train.EVAL_SEED), 0.15,
+                                       meta["mask_id"], special, ordinary)
+    pieces = [p for start, end in docs for p in train.document_pieces([start, end], row_len)]
+    rows = [(inputs[s:s + n], labels[s:s + n]) for s, n in pieces]
+    hits = predict(model, rows, autocast, max(row_len, 8192))
+    sums = np.zeros((len(BUCKETS), 2), dtype=np.int64)
+    for (s, n), hit in zip(pieces, hits):
+        buckets = bucket_of(previous_distances(tokens[s:s + n]))[labels[s:s + n] != -100]
+        np.add.at(sums, (buckets, 0), hit.astype(np.int64))
+        np.add.at(sums, (buckets, 1), 1)
+    return sums
+
+
+def identifier_pool(data, meta):
+    """Tokens to plant: identifier pieces (lower case, 4+ characters, no leading space) that the
+    training data holds between 20 and 2000 times: trained embeddings, but not so common that
+    they are guessable. Without a tokenizer.json (synthetic data): every ordinary id."""
+    _, ordinary = train.special_and_ordinary_ids(meta)
+    path = os.path.join(data, "tokenizer.json")
+    if not os.path.exists(path):
+        return ordinary
+    vocab = json.load(open(path))["model"]["vocab"]
+    counts = np.bincount(train.load_split(data, "train")[0], minlength=meta["vocab_size"])
+    pool = [i for text, i in vocab.items()
+            if re.fullmatch(r"[a-z_][a-z0-9_]{3,}", text) and 20 <= counts[i] <= 2000]
+    return np.array(sorted(pool)) if len(pool) >= 2 * PAIRS_PER_ROW else ordinary
+
+
+def planted_rows(data, meta, n_rows, distances, seed=0, define=True):
+    """Windows of real val code with PAIRS_PER_ROW planted [K, X] pairs and, at each distance d
+    after each X, [K, [MASK]] labelled X. define=False: the control, the same uses with no
+    definition. Returns (inputs, labels) rows and the distance of each label, in row order."""
+    tokens, offsets = train.load_split(data, "val")
+    length = PLANT_AT + 4 * PAIRS_PER_ROW + max(distances) + 8
+    docs = [(s, e) for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist()) if e - s >= length]
+    if not docs:
+        fail(f"no val document of {length}+ tokens for the planted probe")
+    pool, rng = identifier_pool(data, meta), np.random.default_rng([seed, define])
+    rows, row_distances = [], []
+    for _ in range(n_rows):
+        start, end = docs[rng.integers(len(docs))]
+        at = int(rng.integers(start, end - length + 1))
+        ids = tokens[at:at + length].astype(np.int64)
+        labels, distance = np.full(length, -100), np.zeros(length, dtype=np.int64)
+        fresh = np.setdiff1d(pool, ids)  # planted tokens occur nowhere else in the window
+        pairs = rng.choice(fresh, size=(PAIRS_PER_ROW, 2), replace=False)
+        for j, (key, ident) in enumerate(pairs):
+            defined = PLANT_AT + 4 * j + 1  # X's position; K just before it
+            if define:
+                ids[defined - 1:defined + 1] = key, ident
+            for d in distances:
+                ids[defined + d - 1:defined + d + 1] = key, meta["mask_id"]
+                labels[defined + d], distance[defined + d] = ident, d
+        rows.append((ids, labels))
+        row_distances.append(distance[labels != -100])
+    return rows, row_distances
+
+
+def planted_accuracy(model, rows, row_distances, autocast):
+    """{d: (correct, count)} over the planted uses."""
+    hits = np.concatenate(predict(model, rows, autocast, 8192))
+    distances = np.concatenate(row_distances)
+    return {d: (int(hits[distances == d].sum()), int((distances == d).sum()))
+            for d in sorted(set(distances.tolist()))}
+
+
+def long_range(args):
+    meta = train.read_meta(args.data)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and
+                                    train.speed_setup("cpu", "auto", "off")[0])
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else \
+        train.nullcontext
+    docs = long_documents(args.data, max(ROW_LENGTHS), args.probe_tokens)
+    planted = planted_rows(args.data, meta, args.probe_rows, PROBE_DISTANCES)
+    control = planted_rows(args.data, meta, max(1, args.probe_rows // 4), PROBE_DISTANCES,
+                           define=False)
+    print(f"ablate.py --long_range: {args.run}/phase{{1,2,3}}, {len(docs)} val documents of "
+          f"2048+ tokens ({sum(e - s for s, e in docs):,} tokens, each cut to its first "
+          f"{max(ROW_LENGTHS)}), {'bf16' if bf16 else 'fp32'}")
+    results = {"buckets": {}, "planted": {}, "control": {}}
+    for phase in (1, 2, 3):
+        model = load_phase(args.run, phase, max(ROW_LENGTHS))
+        t0 = time.time()
+        for row_len in ROW_LENGTHS:
+            sums = distance_accuracy(model, args.data, meta, docs, row_len, autocast)
+            results["buckets"][f"{phase}@{row_len}"] = sums.tolist()
+        results["planted"][phase] = planted_accuracy(model, *planted, autocast)
+        results["control"][phase] = planted_accuracy(model, *control, autocast)
+        print(f"phase {phase}: evaluated in {time.time() - t0:.0f} s "
+              f"(theta global {model.config.global_theta:g})", flush=True)
+    report = long_range_report(args, results)
+    print(report)
+    with open(os.path.join(args.out, "long_range.md"), "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(args.out, "long_range.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot_long_range(results, os.path.join(args.out, "long_range.png"))
+    print(f"wrote {args.out}/long_range.md, long_range.json, long_range.png")
+
+
+def accuracy_cell(correct, count):
+    """'51.2% +- 1.3 (n=1,480)': the share right and its binomial standard error."""
+    if not count:
+        return "n=0"
+    p = correct / count
+    return f"{p:.1%} +- {100 * np.sqrt(p * (1 - p) / count):.1f} (n={count:,})"
+
+
+def long_range_report(args, results):
+    lines = [f"Long-range use: `{args.run}`, phases 1-3 on val documents of 2048+ tokens, 15% "
+             "masked as train.py's eval set. Accuracy by the distance to the previous "
+             "occurrence of the masked token in its row (+- one binomial standard error):", "",
+             "| phase | row length | " + " | ".join(BUCKETS) + " |",
+             "|---|---|" + "---|" * len(BUCKETS)]
+    for key, sums in results["buckets"].items():
+        phase, row_len = key.split("@")
+        lines.append(f"| {phase} | {int(row_len):,} | " +
+                     " | ".join(accuracy_cell(c, n) for c, n in sums) + " |")
+    lines += ["", f"Planted probe: [K, X] defined once, [K, [MASK]] at distance d after it, in "
+              f"windows of real val code ({args.probe_rows} windows x {PAIRS_PER_ROW} pairs); "
+              "the control plants the uses without the definition:", "",
+              "| phase | " + " | ".join(f"d = {d:,}" for d in PROBE_DISTANCES) + " | control |",
+              "|---|" + "---|" * (len(PROBE_DISTANCES) + 1)]
+    for phase, by_distance in results["planted"].items():
+        control = np.array(list(results["control"][phase].values())).sum(0)
+        lines.append(f"| {phase} | " + " | ".join(accuracy_cell(*by_distance[d])
+                                                  for d in PROBE_DISTANCES) +
+                     f" | {accuracy_cell(*control)} |")
+    return "\n".join(lines)
+
+
+def plot_long_range(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = {2048: "-", 4096: "--", 8192: ":"}
+    for key, sums in results["buckets"].items():
+        phase, row_len = map(int, key.split("@"))
+        sums = np.array(sums)
+        left.plot(BUCKETS, 100 * sums[:, 0] / np.maximum(sums[:, 1], 1), ls=styles[row_len],
+                  marker="o", color=f"C{phase - 1}", label=f"phase {phase}, rows of {row_len}")
+    left.set_xlabel("distance to the previous occurrence of the masked token")
+    left.set_ylabel("MLM accuracy (%)")
+    left.legend(fontsize=7)
+    for phase, by_distance in results["planted"].items():
+        d = np.array(PROBE_DISTANCES)
+        c, n = np.array([by_distance[x] for x in PROBE_DISTANCES]).T
+        p = c / np.maximum(n, 1)
+        right.errorbar(d, 100 * p, yerr=100 * np.sqrt(p * (1 - p) / np.maximum(n, 1)),
+                       marker="o", capsize=3, color=f"C{int(phase) - 1}", label=f"phase {phase}")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("distance d from the planted definition (tokens)")
+    right.set_ylabel("planted identifier filled in (%)")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def fail(message):
+    raise SystemExit(f"ablate.py: error: {message}")
+
+
+def get_args(argv):
+    """ablate.py's own flags; anything after `--` goes to every train.py run as it is."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="ablate.py", description="The BERT -> ModernBERT ladder, "
+                                "measured; --long_range: what the phases buy for long context.",
+                                epilog="Flags after -- go to every train.py run, after the "
+                                "rung's own (e.g. -- --eval_tokens 32768).")
+    count = lambda s: int(float(s))  # accepts 1e6
+    p.add_argument("--rungs", default=",".join(LADDER + DEFAULT_LEAVE_ONE_OUT),
+                   help="comma-separated, in table order: bert, the ladder's changes, "
+                        "modernbert, modernbert-CHANGE (leave-one-out) (default: %(default)s)")
+    p.add_argument("--tokens", type=count, default=DEFAULT_TOKENS,
+                   help="token budget of every rung (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds for the two ends, bert and modernbert (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="rungs run at once (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per rung (default: %(default)s)")
+    p.add_argument("--data", default="data/stdlib", help="(default: %(default)s)")
+    p.add_argument("--out", default="runs/ablate", help="(default: %(default)s)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: measured once, the same for every rung (default: %(default)s)")
+    g = p.add_argument_group("long range")
+    g.add_argument("--long_range", action="store_true",
+                   help="evaluate --run's phase 1, 2, 3 checkpoints instead of the ladder")
+    g.add_argument("--run", default="out", help="train.py's --out of that run (default: out)")
+    g.add_argument("--probe_tokens", type=count, default=98_304,
+                   help="val tokens in long documents to bucket (default: %(default)s)")
+    g.add_argument("--probe_rows", type=int, default=40,
+                   help="windows of the planted probe (default: %(default)s)")
+    args = p.parse_args(argv)
+    args.rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
+    for rung in args.rungs:
+        try:
+            rung_flags(rung)
+        except ValueError:
+            p.error(f"unknown rung {rung!r}; choose from {', '.join(LADDER)}, or "
+                    f"modernbert-CHANGE for a change in {', '.join(n for n, *_ in CHANGES)}")
+    for key in ("tokens", "seeds", "jobs", "threads", "probe_tokens", "probe_rows"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
+    if not os.path.exists(os.path.join(args.data, "meta.json")):
+        p.error(f"no prepared data in {args.data}/: run `python prepare.py` first")
+    args.train_extra = extra
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.long_range:
+        long_range(args)
+    else:
+        ladder(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Tests of ablate.py: the ladder's flags, a two-rung ladder end to end, the long-range bucketing
+and the planted probe. CPU only, tiny models; python -m pytest -q test_ablate.py"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+import ablate
+import train
+from test_train import HERE, log_of, one_thread, write_data  # noqa: F401 (one_thread: autouse)
+
+
+def run_of(argv):
+    """train.py's (run settings, model config) for a phase-1 command line, without running it."""
+    args = train.get_args(argv)
+    settings = train.phase_settings(args, train.PhaseStart(), 1)
+    meta = dict(vocab_size=8192, pad_id=2, cls_id=0, sep_id=1)
+    return settings, asdict(train.model_config(args, meta, train.PhaseStart()))
+
+
+def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path):
+    """At the default budget (3.2M tokens) the top rung is exactly `python train.py --phase 1`;
+    the bottom is BERT's parts and recipe; each rung between changes one thing (a change may be
+    several flags: the optimizer comes with its clipping and weight decay)."""
+    data = write_data(tmp_path / "data", [40] * 10)
+    args = ablate.get_args(["--tokens", "3.2e6", "--data", str(data)])
+
+    def rung_run(rung):  # (--data, --out, --dtype: not part of the settings or the model)
+        return run_of(ablate.train_command(rung, ablate.FIRST_SEED, args, "fp32")[2:])
+
+    default = run_of([])
+    assert rung_run("modernbert") == default
+    bert_settings, bert_config = rung_run("bert")
+    assert {k: bert_config[k] for k in ("positions", "mlp", "bias", "prenorm", "global_every", "d_ff")} == \
+        dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1, d_ff=768)
+    assert {k: bert_settings[k] for k in ("mask_rate", "optimizer", "grad_clip", "weight_decay", "schedule",
+                                         "batch_warmup_tokens", "dropout_mode")} == \
+        dict(mask_rate=0.15, optimizer="adamw", grad_clip=1.0, weight_decay=0.01, schedule="linear",
+             batch_warmup_tokens=0, dropout_mode="bert")
+    runs = [rung_run(rung) for rung in ablate.LADDER]
+    for (name, *_), before, after in zip(ablate.CHANGES, runs, runs[1:]):
+        changed = {k for part in (0, 1) for k in before[part] if before[part][k] != after[part][k]}
+        expected = {"prenorm": {"prenorm"}, "no_bias": {"bias"}, "geglu": {"mlp", "d_ff"},
+                    "rope": {"positions"}, "alternating": {"global_every"}, "mask30": {"mask_rate"},
+                    "stableadamw": {"optimizer", "grad_clip", "weight_decay"}, "wsd": {"schedule"},
+                    "batch_warmup": {"batch_warmup_tokens"},
+                    "dropout": {"dropout_mode"}}[name]
+        assert changed == expected, name
+    # leave-one-out: ModernBERT with just that change back at BERT's
+    loo_settings, _ = rung_run("modernbert-wsd")
+    assert loo_settings == dict(default[0], schedule="linear")
+
+
+@pytest.mark.parametrize("flags, message", [(["--rungs", "bert,gpt"], "unknown rung 'gpt'"),
+                                             (["--tokens", "0"], "--tokens must be at least 1"),
+                                             (["--data", "nowhere"], "no prepared data in nowhere/")])
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+    data = write_data(tmp_path / "data", [40] * 10)
+    with pytest.raises(SystemExit) as e:
+        ablate.main(["--data", str(data), "--out", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"ablate.py: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_two_rung_ladder_end_to_end(tmp_path):
+    """Two rungs, two seeds each, on a tiny model and budget, two at a time: the table, the JSON
+    and the plot; the table's numbers are the logs' last evals; a second call reuses them all."""
+    data = write_data(tmp_path / "data", np.random.default_rng(1).integers(5, 90, 200).tolist())
+    out = tmp_path / "ablate"
+    cmd = [sys.executable, str(HERE / "ablate.py"), "--data", str(data), "--out", str(out),
+           "--rungs", "bert,modernbert", "--tokens", "1500", "--seeds", "2", "--dtype", "fp32", "--",
+           "--model", "tiny", "--seq_len", "32", "--batch_size", "4", "--micro_batch", "2",
+           "--eval_tokens", "128", "--eval_every", "4", "--d_ff", "64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    table = (out / "results.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "val_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for rung, seed in [("bert", 1337), ("modernbert", 1337), ("bert", 1338), ("modernbert", 1338)]:
+        run_dir = out / (rung if seed == 1337 else f"{rung}-seed{seed}")
+        last = [r for r in log_of(run_dir, 1) if "val_acc" in r][-1]
+        assert results["runs"][f"{rung}@{seed}"]["val_acc"] == last["val_acc"]
+        assert log_of(run_dir, 1)[0]["settings"]["seed"] == seed
+    for rung in ("bert", "modernbert"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {rung} |"))
+        assert f"{results['runs'][f'{rung}@1337']['val_acc']:.2%}" in row
+    assert "Seed-to-seed spread (2 seeds" in table
+    bert_log = log_of(out / "bert", 1)
+    assert bert_log[0]["settings"]["optimizer"] == "adamw" and bert_log[0]["config"]["positions"] == "learned"
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("reused") == 4, again.stdout
+
+
+# ----------------------------------------------------------------------------- long range
+
+def test_previous_occurrence_distances_by_hand():
+    #          a  b  a  c  b  b  a
+    ids = [7, 8, 7, 9, 8, 8, 7]
+    # a: first, b: first, a: 2 back, c: first, b: 3 back, b: 1 back, a: 4 back
+    assert ablate.previous_distances(ids).tolist() == [0, 0, 2, 0, 3, 1, 4]
+    assert ablate.bucket_of([1, 64, 65, 256, 257, 1024, 1025, 9000, 0]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    assert ablate.BUCKETS[4] == "first"
+
+
+def test_planted_rows_put_the_definition_at_each_distance(tmp_path):
+    data = write_data(tmp_path / "data", [40] * 10, val_lengths=(50, 4300), vocab=20000)
+    meta = train.load_meta(data)
+    distances = [32, 128, 512, 1024, 2048, 4096]
+    rows, row_distances = ablate.planted_rows(data, meta, 3, distances, seed=1)
+    controls, _ = ablate.planted_rows(data, meta, 3, distances, seed=1, define=False)
+    for (ids, labels), dist, (control_ids, control_labels) in zip(rows, row_distances, controls):
+        used = np.flatnonzero(labels != -100)
+        assert len(used) == ablate.PAIRS_PER_ROW * len(distances)
+        assert sorted(dist.tolist()) == sorted(distances * ablate.PAIRS_PER_ROW)
+        for position, d in zip(used, dist):
+            x = labels[position]
+            assert ids[position] == meta["mask_id"]
+            assert ids[position - d] == x and ids[position - d - 1] == ids[position - 1]  # [K, X] ... [K, ?]
+            assert np.flatnonzero(ids == x).tolist() == [position - d]  # X nowhere else
+        assert not np.isin(control_labels[control_labels != -100], control_ids).any()  # never defined
+
+
+def test_long_range_end_to_end_on_a_tiny_run(tmp_path):
+    """A tiny model's three phases, then --long_range on them: the tables, their counts (every
+    masked token of the long documents lands in exactly one bucket), and the plot."""
+    data = write_data(tmp_path / "data", np.random.default_rng(1).integers(5, 90, 200).tolist(),
+                      val_lengths=(50, 2100, 4300), vocab=20000)  # (room for planted ids)
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--device", "cpu", "--dtype", "fp32", "--eval_tokens", "128"]
+    train.main(common + ["--model", "tiny", "--seq_len", "32", "--tokens", "2000", "--batch_size", "4",
+                         "--min_batch_size", "4", "--micro_batch", "2"])
+    train.main(common + ["--phase", "2"])
+    train.main(common + ["--phase", "3"])
+    out = tmp_path / "lr"
+    ablate.main(["--long_range", "--run", str(run), "--data", str(data), "--out", str(out),
+                 "--probe_rows", "2", "--dtype", "fp32"])
+    results = json.loads((out / "long_range.json").read_text())
+    tokens, _ = train.load_split(data, "val")
+    _, labels = train.mask_tokens(tokens.astype(np.int64), np.random.default_rng(train.EVAL_SEED), 0.15, 3,
+                                  *train.special_and_ordinary_ids(train.load_meta(data)))
+    masked = (labels[50:] != -100).sum()  # the two long documents' masked tokens, as eval masks them
+    for key, sums in results["buckets"].items():
+        assert sum(n for _, n in sums) == masked, key
+        assert all(0 <= c <= n for c, n in sums)
+    by_length = {row_len: results["buckets"][f"1@{row_len}"] for row_len in ablate.ROW_LENGTHS}
+    assert by_length[2048][4][1] > by_length[8192][4][1]  # shorter rows: more first occurrences
+    for phase in ("1", "2", "3"):
+        assert [results["planted"][phase][str(d)][1] for d in ablate.PROBE_DISTANCES] == \
+            [2 * ablate.PAIRS_PER_ROW] * len(ablate.PROBE_DISTANCES)
+    assert "| 3 | 8,192 |" in (out / "long_range.md").read_text()
+    assert (out / "long_range.png").read_bytes()[:4] == b"\x89PNG"
