@@ -77,8 +77,6 @@ LADDER = ["bert"] + [name for name, *_ in CHANGES[:-1]] + ["modernbert"]
 DEFAULT_LEAVE_ONE_OUT = ["modernbert-wsd", "modernbert-batch_warmup"]
 # The two ends, run on --seeds seeds; train.py's default seed first.
 ENDS, FIRST_SEED = ["bert", "modernbert"], train.EVERY_PRESET["seed"]
-# train.py's laptop preset at the ladder's budget: the LR warmup and batch warmup keep their
-# shares of the budget (50k and 1.6M of 3.2M tokens).
 # 700k tokens: 17 runs (13 rungs, 2 more seeds at each end), two at a time on 2 cores, in about
 # 45 minutes at ~3,300 tokens/s per single-threaded run, with evals and start-up.
 DEFAULT_TOKENS = 700_000
@@ -119,7 +117,8 @@ def rung_change(rung):
 
 def train_command(rung, seed, args, dtype):
     """The exact train.py command line of one rung: the budget's settings, the rung's flags,
-    then anything given after `--`."""
+    then anything given after `--`. The budget's settings are train.py's laptop preset scaled to
+    the budget: the LR warmup and the batch warmup keep their shares (50k and 1.6M of 3.2M)."""
     tokens = args.tokens
     flags = {"data": args.data, "out": rung_dir(args.out, rung, seed), "model": "mini",
              "seed": seed, "tokens": tokens, "warmup_tokens": tokens // 64,
@@ -142,7 +141,8 @@ def finished(run_dir):
 
 def run_rung(job, args, dtype, progress):
     """One rung (one seed) as a train.py subprocess with --threads threads: resumed if it was
-    interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt."""
+    interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt. Returns
+    None, or what failed (the other rungs keep running)."""
     rung, seed = job
     run_dir = rung_dir(args.out, rung, seed)
     name = rung + ("" if seed == FIRST_SEED else f" (seed {seed})")
@@ -166,8 +166,8 @@ def run_rung(job, args, dtype, progress):
         spent = json.load(open(timing)) if os.path.exists(timing) else 0.0
         json.dump(spent + time.time() - start, open(timing, "w"))
     if code:
-        raise SystemExit(f"ablate.py: error: {name} failed (exit {code}); see "
-                         f"{run_dir}/train.txt, then run ablate.py again to resume it")
+        progress(f"{name}: FAILED (exit {code}), see {run_dir}/train.txt", done=True)
+        return f"{name} (exit {code}, {run_dir}/train.txt)"
     result = read_result(run_dir)
     progress(f"{name}: done in {result['wall_s'] / 60:.1f} min, val acc {result['val_acc']:.2%}",
              done=True)
@@ -204,8 +204,9 @@ def ladder(args):
 
     os.makedirs(args.out, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on their subprocesses
-        for future in [pool.submit(run_rung, job, args, dtype, progress) for job in jobs]:
-            future.result()
+        failed = [f for f in pool.map(lambda job: run_rung(job, args, dtype, progress), jobs) if f]
+    if failed:
+        fail(f"{len(failed)} run(s) failed: {'; '.join(failed)}; run ablate.py again to resume")
     results = {f"{rung}@{seed}": read_result(rung_dir(args.out, rung, seed)) for rung, seed in jobs}
     table = results_table(args, results, jobs, dtype)
     print(table)
