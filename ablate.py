@@ -77,10 +77,10 @@ LADDER = ["bert"] + [name for name, *_ in CHANGES[:-1]] + ["modernbert"]
 DEFAULT_LEAVE_ONE_OUT = ["modernbert-wsd", "modernbert-batch_warmup"]
 # The two ends, run on --seeds seeds; train.py's default seed first.
 ENDS, FIRST_SEED = ["bert", "modernbert"], train.EVERY_PRESET["seed"]
-# train.py's laptop preset at the ladder's budget: the LR warmup and batch warmup keep their
-# shares of the budget (50k and 1.6M of 3.2M tokens).
-DEFAULT_TOKENS = 1_000_000
-EVAL_POINTS = 12  # evals per rung without batch warmup (those with it have more steps)
+# 700k tokens: 17 runs (13 rungs, 2 more seeds at each end), two at a time on 2 cores, in about
+# 45 minutes at ~3,300 tokens/s per single-threaded run, with evals and start-up.
+DEFAULT_TOKENS = 700_000
+EVAL_POINTS = 10  # evals per rung without batch warmup (those with it make 1.5x the steps)
 
 
 def rung_flags(rung):
@@ -117,7 +117,8 @@ def rung_change(rung):
 
 def train_command(rung, seed, args, dtype):
     """The exact train.py command line of one rung: the budget's settings, the rung's flags,
-    then anything given after `--`."""
+    then anything given after `--`. The budget's settings are train.py's laptop preset scaled to
+    the budget: the LR warmup and the batch warmup keep their shares (50k and 1.6M of 3.2M)."""
     tokens = args.tokens
     flags = {"data": args.data, "out": rung_dir(args.out, rung, seed), "model": "mini",
              "seed": seed, "tokens": tokens, "warmup_tokens": tokens // 64,
@@ -140,7 +141,8 @@ def finished(run_dir):
 
 def run_rung(job, args, dtype, progress):
     """One rung (one seed) as a train.py subprocess with --threads threads: resumed if it was
-    interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt."""
+    interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt. Returns
+    None, or what failed (the other rungs keep running)."""
     rung, seed = job
     run_dir = rung_dir(args.out, rung, seed)
     name = rung + ("" if seed == FIRST_SEED else f" (seed {seed})")
@@ -164,8 +166,8 @@ def run_rung(job, args, dtype, progress):
         spent = json.load(open(timing)) if os.path.exists(timing) else 0.0
         json.dump(spent + time.time() - start, open(timing, "w"))
     if code:
-        raise SystemExit(f"ablate.py: error: {name} failed (exit {code}); see "
-                         f"{run_dir}/train.txt, then run ablate.py again to resume it")
+        progress(f"{name}: FAILED (exit {code}), see {run_dir}/train.txt", done=True)
+        return f"{name} (exit {code}, {run_dir}/train.txt)"
     result = read_result(run_dir)
     progress(f"{name}: done in {result['wall_s'] / 60:.1f} min, val acc {result['val_acc']:.2%}",
              done=True)
@@ -202,8 +204,9 @@ def ladder(args):
 
     os.makedirs(args.out, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on their subprocesses
-        for future in [pool.submit(run_rung, job, args, dtype, progress) for job in jobs]:
-            future.result()
+        failed = [f for f in pool.map(lambda job: run_rung(job, args, dtype, progress), jobs) if f]
+    if failed:
+        fail(f"{len(failed)} run(s) failed: {'; '.join(failed)}; run ablate.py again to resume")
     results = {f"{rung}@{seed}": read_result(rung_dir(args.out, rung, seed)) for rung, seed in jobs}
     table = results_table(args, results, jobs, dtype)
     print(table)
@@ -274,15 +277,15 @@ def plot_curves(args, results, jobs, path):
 # measures, on rows of phase 2's length (2048) and longer:
 # 1. real val documents: accuracy by the distance to the previous occurrence of the masked token
 #    in its row, the same 15% masks as train.py's eval set;
-# 2. a planted probe: a made-up key -> identifier pair ([K, X]) written near the start of a
-#    window of real val code, and [K, [MASK]] at distance d further on: only a model that looks
-#    d tokens back can fill in X. Without the definition (the control) X cannot be guessed.
+# 2. repeats pulled apart: an identifier used twice close together in val code, its two
+#    contexts moved d tokens apart with real code between them, the second use masked: beyond
+#    what the control (the first use's context swapped for other code) gets, only a model that
+#    looks d tokens back can fill it in.
 
 BUCKETS = ["<= 64", "65-256", "257-1024", "> 1024", "first"]
 ROW_LENGTHS = [2048, 4096, 8192]
 PROBE_DISTANCES = [32, 128, 512, 1024, 2048, 4096]
-PAIRS_PER_ROW = 8   # [K, X] definitions 4 tokens apart, each used once at every distance
-PLANT_AT = 16       # the first definition's position in its window
+PAIRS_PER_ROW = 8   # repeats pulled apart in one row (fewer where d is short)
 
 
 def previous_distances(ids):
@@ -378,48 +381,80 @@ def distance_accuracy(model, data, meta, docs, row_len, autocast):
     return sums
 
 
-def identifier_pool(data, meta):
-    """Tokens to plant: identifier pieces (lower case, 4+ characters, no leading space) that the
-    training data holds between 20 and 2000 times: trained embeddings, but not so common that
-    they are guessable. Without a tokenizer.json (synthetic data): every ordinary id."""
+def identifier_ids(data, meta):
+    """Ids that read as identifiers (a letter or _, then 2+ word characters; a leading space
+    allowed), or every ordinary id for data without a tokenizer.json (synthetic test data)."""
     _, ordinary = train.special_and_ordinary_ids(meta)
     path = os.path.join(data, "tokenizer.json")
     if not os.path.exists(path):
         return ordinary
     vocab = json.load(open(path))["model"]["vocab"]
-    counts = np.bincount(train.load_split(data, "train")[0], minlength=meta["vocab_size"])
-    pool = [i for text, i in vocab.items()
-            if re.fullmatch(r"[a-z_][a-z0-9_]{3,}", text) and 20 <= counts[i] <= 2000]
-    return np.array(sorted(pool)) if len(pool) >= 2 * PAIRS_PER_ROW else ordinary
+    return np.array(sorted(i for text, i in vocab.items()
+                           if re.fullmatch(r"\u0120?[A-Za-z_]\w{2,}", text)))
 
 
-def planted_rows(data, meta, n_rows, distances, seed=0, define=True):
-    """Windows of real val code with PAIRS_PER_ROW planted [K, X] pairs and, at each distance d
-    after each X, [K, [MASK]] labelled X. define=False: the control, the same uses with no
-    definition. Returns (inputs, labels) rows and the distance of each label, in row order."""
+def repeats(tokens, docs, ids):
+    """(a, b) pairs: an identifier at a used again at b, 32 to 64 tokens later, with no other
+    occurrence from a - 64 to b + 64, inside one document, 32 tokens from either end."""
+    ids, pairs = set(ids.tolist()), []
+    for start, end in docs:
+        last = {}
+        for i in range(start, end):
+            t = int(tokens[i])
+            if t in ids:
+                a = last.get(t)
+                if a is not None and 32 <= i - a <= 64 and a - 32 >= start and i + 32 <= end:
+                    window = tokens[max(start, a - 64):min(end, i + 65)]
+                    if (window == t).sum() == 2:
+                        pairs.append((a, i))
+                last[t] = i
+    return pairs
+
+
+def planted_rows(data, meta, n_pairs, distances, seed=0, define=True):
+    """Real repeats, pulled apart. An identifier X used twice 32-64 tokens apart in val code:
+    the definition's context (32 tokens before X, 15 after), real code from elsewhere as filler,
+    then the use's context (16 before X, 31 after) with X masked, so that X sits d tokens back.
+    Up to PAIRS_PER_ROW pairs share a row: definitions first, then the filler, then the uses in
+    the same order, so that every use is d after its definition. define=False: the control, each
+    definition's context swapped for code from elsewhere; X can then only come from nearby code.
+    Any other X in the row (in the filler, say) becomes another identifier, so that every d
+    probes the same repeats. Returns (inputs, labels) rows and the distance of each label."""
     tokens, offsets = train.load_split(data, "val")
-    length = PLANT_AT + 4 * PAIRS_PER_ROW + max(distances) + 8
-    docs = [(s, e) for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist()) if e - s >= length]
-    if not docs:
-        fail(f"no val document of {length}+ tokens for the planted probe")
-    pool, rng = identifier_pool(data, meta), np.random.default_rng([seed, define])
+    docs = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+    rng = np.random.default_rng([seed, define])
+    identifiers = identifier_ids(data, meta)
+    pairs = repeats(tokens, docs, identifiers)
+    if not pairs:
+        fail(f"no identifier used twice 32-64 tokens apart in {data}'s val split")
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))[:n_pairs]]
+
+    def code(n):  # n tokens of real val code from a random place inside one document
+        start, end = docs[rng.choice([i for i, (s, e) in enumerate(docs) if e - s >= n])]
+        at = int(rng.integers(start, end - n + 1))
+        return tokens[at:at + n].astype(np.int64)
+
     rows, row_distances = [], []
-    for _ in range(n_rows):
-        start, end = docs[rng.integers(len(docs))]
-        at = int(rng.integers(start, end - length + 1))
-        ids = tokens[at:at + length].astype(np.int64)
-        labels, distance = np.full(length, -100), np.zeros(length, dtype=np.int64)
-        fresh = np.setdiff1d(pool, ids)  # planted tokens occur nowhere else in the window
-        pairs = rng.choice(fresh, size=(PAIRS_PER_ROW, 2), replace=False)
-        for j, (key, ident) in enumerate(pairs):
-            defined = PLANT_AT + 4 * j + 1  # X's position; K just before it
-            if define:
-                ids[defined - 1:defined + 1] = key, ident
-            for d in distances:
-                ids[defined + d - 1:defined + d + 1] = key, meta["mask_id"]
-                labels[defined + d], distance[defined + d] = ident, d
-        rows.append((ids, labels))
-        row_distances.append(distance[labels != -100])
+    for d in distances:
+        k = max(1, min(PAIRS_PER_ROW, (d + 16) // 48))  # pairs per row that fit d
+        for first in range(0, len(pairs), k):
+            group = pairs[first:first + k]
+            defs = [tokens[a - 32:a + 16].astype(np.int64) if define else code(48)
+                    for a, _ in group]
+            uses = [tokens[b - 16:b + 32].astype(np.int64) for _, b in group]
+            filler = code(d + 16 - 48 * len(group))
+            ids = np.concatenate(defs + [filler] + uses)
+            labels = np.full(len(ids), -100)
+            xs = [int(tokens[b]) for _, b in group]
+            others = np.setdiff1d(identifiers, xs)
+            for j, x in enumerate(xs):
+                use = 48 * len(group) + len(filler) + 48 * j + 16
+                labels[use], ids[use] = x, meta["mask_id"]
+                elsewhere = np.flatnonzero(ids == x)
+                elsewhere = elsewhere[elsewhere != 48 * j + 32] if define else elsewhere
+                ids[elsewhere] = rng.choice(others, len(elsewhere))  # X: only at its definition
+            rows.append((ids, labels))
+            row_distances.append(np.full(len(group), d))
     return rows, row_distances
 
 
@@ -438,9 +473,8 @@ def long_range(args):
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else \
         train.nullcontext
     docs = long_documents(args.data, max(ROW_LENGTHS), args.probe_tokens)
-    planted = planted_rows(args.data, meta, args.probe_rows, PROBE_DISTANCES)
-    control = planted_rows(args.data, meta, max(1, args.probe_rows // 4), PROBE_DISTANCES,
-                           define=False)
+    planted = planted_rows(args.data, meta, args.probe_pairs, PROBE_DISTANCES)
+    control = planted_rows(args.data, meta, args.probe_pairs, PROBE_DISTANCES, define=False)
     print(f"ablate.py --long_range: {args.run}/phase{{1,2,3}}, {len(docs)} val documents of "
           f"2048+ tokens ({sum(e - s for s, e in docs):,} tokens, each cut to its first "
           f"{max(ROW_LENGTHS)}), {'bf16' if bf16 else 'fp32'}")
@@ -483,9 +517,10 @@ def long_range_report(args, results):
         phase, row_len = key.split("@")
         lines.append(f"| {phase} | {int(row_len):,} | " +
                      " | ".join(accuracy_cell(c, n) for c, n in sums) + " |")
-    lines += ["", f"Planted probe: [K, X] defined once, [K, [MASK]] at distance d after it, in "
-              f"windows of real val code ({args.probe_rows} windows x {PAIRS_PER_ROW} pairs); "
-              "the control plants the uses without the definition:", "",
+    lines += ["", "Repeats pulled apart: an identifier used twice 32-64 tokens apart in val code, "
+              "the two contexts moved d tokens apart with other real code between them, the "
+              f"second use masked (up to {args.probe_pairs} repeats per d); the control swaps the "
+              "first use's context for other code, leaving only what nearby code tells:", "",
               "| phase | " + " | ".join(f"d = {d:,}" for d in PROBE_DISTANCES) + " | control |",
               "|---|" + "---|" * (len(PROBE_DISTANCES) + 1)]
     for phase, by_distance in results["planted"].items():
@@ -556,16 +591,20 @@ def get_args(argv):
                    help="threads per rung (default: %(default)s)")
     p.add_argument("--data", default="data/stdlib", help="(default: %(default)s)")
     p.add_argument("--out", default="runs/ablate", help="(default: %(default)s)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: measured once, the same for every rung (default: %(default)s)")
+    # fp32 by default: one precision for every rung, whatever a start-up measurement says. On
+    # this project's VM (AVX2, no bf16 units) a mini training step at one thread ran ~15x
+    # slower under bf16 autocast than in fp32, measured side by side in one process.
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="fp32",
+                   help="precision of every rung; auto: train.py's choice, measured once "
+                        "(default: %(default)s)")
     g = p.add_argument_group("long range")
     g.add_argument("--long_range", action="store_true",
                    help="evaluate --run's phase 1, 2, 3 checkpoints instead of the ladder")
     g.add_argument("--run", default="out", help="train.py's --out of that run (default: out)")
     g.add_argument("--probe_tokens", type=count, default=98_304,
                    help="val tokens in long documents to bucket (default: %(default)s)")
-    g.add_argument("--probe_rows", type=int, default=40,
-                   help="windows of the planted probe (default: %(default)s)")
+    g.add_argument("--probe_pairs", type=int, default=192,
+                   help="repeated identifiers in the pulled-apart probe (default: %(default)s)")
     args = p.parse_args(argv)
     args.rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
     for rung in args.rungs:
@@ -574,7 +613,7 @@ def get_args(argv):
         except ValueError:
             p.error(f"unknown rung {rung!r}; choose from {', '.join(LADDER)}, or "
                     f"modernbert-CHANGE for a change in {', '.join(n for n, *_ in CHANGES)}")
-    for key in ("tokens", "seeds", "jobs", "threads", "probe_tokens", "probe_rows"):
+    for key in ("tokens", "seeds", "jobs", "threads", "probe_tokens", "probe_pairs"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     if not os.path.exists(os.path.join(args.data, "meta.json")):

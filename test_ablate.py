@@ -108,22 +108,31 @@ def test_previous_occurrence_distances_by_hand():
     assert ablate.BUCKETS[4] == "first"
 
 
-def test_planted_rows_put_the_definition_at_each_distance(tmp_path):
-    data = write_data(tmp_path / "data", [40] * 10, val_lengths=(50, 4300), vocab=20000)
+def test_repeats_by_hand():
+    #        0  1 ... 39 40 ... 79 ... 139
+    tokens = np.full(140, 5)
+    tokens[40], tokens[80] = 7, 7    # 40 apart: a repeat
+    tokens[100], tokens[110] = 8, 8  # 10 apart: too close
+    tokens[120] = 9
+    assert ablate.repeats(tokens, [(0, 140)], np.array([7, 8, 9])) == [(40, 80)]
+    tokens[10] = 7                   # another occurrence within 64 of the first: not clean
+    assert ablate.repeats(tokens, [(0, 140)], np.array([7, 8, 9])) == []
+    assert ablate.repeats(tokens, [(0, 100)], np.array([7])) == []  # 80 + 32 is past the end
+
+
+def test_pulled_apart_rows_put_each_use_d_after_its_only_definition(tmp_path):
+    data = write_data(tmp_path / "data", [40] * 10, val_lengths=(50, 4300, 3000), vocab=2000)
     meta = train.load_meta(data)
-    distances = [32, 128, 512, 1024, 2048, 4096]
-    rows, row_distances = ablate.planted_rows(data, meta, 3, distances, seed=1)
-    controls, _ = ablate.planted_rows(data, meta, 3, distances, seed=1, define=False)
-    for (ids, labels), dist, (control_ids, control_labels) in zip(rows, row_distances, controls):
-        used = np.flatnonzero(labels != -100)
-        assert len(used) == ablate.PAIRS_PER_ROW * len(distances)
-        assert sorted(dist.tolist()) == sorted(distances * ablate.PAIRS_PER_ROW)
-        for position, d in zip(used, dist):
-            x = labels[position]
+    distances = [32, 128, 512, 4096]
+    rows, row_distances = ablate.planted_rows(data, meta, 16, distances, seed=1)
+    controls, control_distances = ablate.planted_rows(data, meta, 16, distances, seed=1, define=False)
+    assert sorted(np.concatenate(row_distances).tolist()) == sorted(distances * 16)  # the same repeats at each d
+    for (ids, labels), dist in zip(rows, row_distances):
+        for position, d in zip(np.flatnonzero(labels != -100), dist):
             assert ids[position] == meta["mask_id"]
-            assert ids[position - d] == x and ids[position - d - 1] == ids[position - 1]  # [K, X] ... [K, ?]
-            assert np.flatnonzero(ids == x).tolist() == [position - d]  # X nowhere else
-        assert not np.isin(control_labels[control_labels != -100], control_ids).any()  # never defined
+            assert np.flatnonzero(ids == labels[position]).tolist() == [position - d]  # X: only d back
+    for (ids, labels), _ in zip(controls, control_distances):
+        assert not np.isin(labels[labels != -100], ids).any()  # never in the row
 
 
 def test_long_range_end_to_end_on_a_tiny_run(tmp_path):
@@ -139,7 +148,7 @@ def test_long_range_end_to_end_on_a_tiny_run(tmp_path):
     train.main(common + ["--phase", "3"])
     out = tmp_path / "lr"
     ablate.main(["--long_range", "--run", str(run), "--data", str(data), "--out", str(out),
-                 "--probe_rows", "2", "--dtype", "fp32"])
+                 "--probe_pairs", "8", "--dtype", "fp32"])
     results = json.loads((out / "long_range.json").read_text())
     tokens, _ = train.load_split(data, "val")
     _, labels = train.mask_tokens(tokens.astype(np.int64), np.random.default_rng(train.EVAL_SEED), 0.15, 3,
@@ -151,7 +160,7 @@ def test_long_range_end_to_end_on_a_tiny_run(tmp_path):
     by_length = {row_len: results["buckets"][f"1@{row_len}"] for row_len in ablate.ROW_LENGTHS}
     assert by_length[2048][4][1] > by_length[8192][4][1]  # shorter rows: more first occurrences
     for phase in ("1", "2", "3"):
-        assert [results["planted"][phase][str(d)][1] for d in ablate.PROBE_DISTANCES] == \
-            [2 * ablate.PAIRS_PER_ROW] * len(ablate.PROBE_DISTANCES)
+        counts = [results["planted"][phase][str(d)][1] for d in ablate.PROBE_DISTANCES]
+        assert len(set(counts)) == 1 and 0 < counts[0] <= 8, counts  # the same repeats at every d
     assert "| 3 | 8,192 |" in (out / "long_range.md").read_text()
     assert (out / "long_range.png").read_bytes()[:4] == b"\x89PNG"
