@@ -914,3 +914,12 @@ def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path):
     assert (out / "phase3" / "hf" / "tokenizer.json").exists() == (Path(stdlib_data) / "tokenizer.json").exists()
     for name, tensor in phase3["model"].items():
         assert torch.equal(hf.state_dict()[name], tensor), name
+
+
+def test_a_mixed_model_finishes_its_phase_without_a_transformers_export(data, tmp_path):
+    """Pre-norm BERT (an ablate.py rung) has no transformers class: the phase still finishes and
+    saves its checkpoint; only hf/ is left out."""
+    result = train.main(tiny_args(data, tmp_path, "--model", "bert-mini", "--n_layers", "2", "--d_model", "64",
+                                  "--d_ff", "96", "--prenorm", "on", "--tokens", "600"))
+    assert result["finished"] and (tmp_path / "phase1" / "ckpt.pt").exists()
+    assert not (tmp_path / "phase1" / "hf").exists()

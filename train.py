@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modernbert import PRESETS, Config, ModernBERT, config_for, cu_seqlens_of
+from modernbert import PRESETS, Config, ModernBERT, config_for, cu_seqlens_of, hf_family
 from prepare import load_meta, load_split
 
 # ----------------------------------------------------------------------------- the recipe
@@ -753,8 +753,14 @@ def read_training_checkpoint(path):
 
 
 def export_hf(model, out_dir, tokenizer):
-    """The phase's Hugging Face directory, written beside and then swapped in."""
+    """The phase's Hugging Face directory, written beside and then swapped in. A model that mixes
+    BERT's parts with ModernBERT's (an ablate.py rung) has no transformers class: none is written."""
     final, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
+    try:
+        hf_family(model.config)
+    except ValueError as e:
+        tqdm.write(f"no {final}/: {e}")
+        return
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     if os.path.exists(tokenizer):
