@@ -11,7 +11,7 @@ import pytest
 
 import ablate
 import train
-from test_train import HERE, log_of, one_thread, write_data  # noqa: F401 (one_thread: autouse)
+from test_train import HERE, log_of, write_data
 
 
 def run_of(argv):

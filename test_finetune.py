@@ -11,11 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import finetune
 import prepare
@@ -59,14 +57,6 @@ def only_doc():
 def no_doc(x):
     return x
 '''
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()  # tiny models gain nothing from a second, busy core
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def corpus_file(i):

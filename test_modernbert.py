@@ -14,16 +14,6 @@ from modernbert import Config, Documents, ModernBERT, config_for
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # As in test_train.py: tiny models gain nothing from threads, and on a busy machine a second
-    # thread waits for its core at every op (10x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SPECIAL = dict(pad_id=0, cls_id=1, sep_id=2)
 # Three shapes that differ in depth, width, heads, window and the global/local pattern.
 CONFIGS = {

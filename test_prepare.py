@@ -1,5 +1,4 @@
 """Tests of prepare.py on small corpora built in a temporary directory (a few seconds in all)."""
-import json
 import subprocess
 import sys
 from pathlib import Path

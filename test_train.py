@@ -1,7 +1,6 @@
 """Tests of train.py: schedules, masking, packing, StableAdamW, tiling, exact resume, DDP, faults,
 and a smoke run on the real corpus. CPU only, tiny models; python -m pytest -q test_train.py"""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,16 +14,6 @@ import train
 from modernbert import Config, ModernBERT
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and a second thread on a busy machine waits for
-    # its core at every op: one thread keeps these tests fast and their timing steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_data(path, doc_lengths, val_lengths=(40, 50, 60), vocab=320, seed=0):

@@ -29,7 +29,6 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from modernbert import PRESETS, Config, ModernBERT, config_for, cu_seqlens_of, hf_family
