@@ -304,7 +304,7 @@ def main(argv=None):
 
 def print_table(results, models):
     names = [n for n in models]
-    head = f"| workload | tokens (padding) | " + " | ".join(f"{n} tok/s" for n in names) + " | ours / hf_sdpa | memory ours / hf_sdpa (MiB) |"
+    head = "| workload | tokens (padding) | " + " | ".join(f"{n} tok/s" for n in names) + " | ours / hf_sdpa | memory ours / hf_sdpa (MiB) |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
