@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from modernbert import PRESETS, Config, ModernBERT, config_for, cu_seqlens_of, hf_family
+from hf_format import hf_family
+from modernbert import PRESETS, Config, ModernBERT, config_for, cu_seqlens_of
 from prepare import load_meta, load_split
 
 # ----------------------------------------------------------------------------- the recipe
