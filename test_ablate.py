@@ -91,6 +91,12 @@ def test_a_two_rung_ladder_end_to_end(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"| {rung} |"))
         assert f"{results['runs'][f'{rung}@1337']['val_acc']:.2%}" in row
     assert "Seed-to-seed spread (2 seeds" in table
+    spread = [line for line in table.split("Seed-to-seed")[1].splitlines() if line.startswith("| ")]
+    for rung in ("bert", "modernbert"):
+        row = next(line for line in spread if line.startswith(f"| {rung} |"))
+        runs = [results["runs"][f"{rung}@{seed}"] for seed in (1337, 1338)]
+        assert ", ".join(f"{r['val_acc']:.2%}" for r in runs) in row
+        assert ", ".join(f"{r['val_loss']:.3f}" for r in runs) in row
     bert_log = log_of(out / "bert", 1)
     assert bert_log[0]["settings"]["optimizer"] == "adamw" and bert_log[0]["config"]["positions"] == "learned"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
