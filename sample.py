@@ -340,7 +340,7 @@ def show(text, width=200):
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def main(argv=None):
+def get_args(argv):
     parser = argparse.ArgumentParser(prog="sample.py", description="Fill [MASK] tokens with a trained ModernBERT, or embed texts.")
     parser.add_argument("--init_from", metavar="PATH", help="ckpt.pt, its directory, a run directory, or a Hugging "
                         f"Face ModernBERT directory (default: newest {DEFAULT_RUN_DIR}/phase*/ckpt.pt)")
@@ -369,6 +369,11 @@ def main(argv=None):
         parser.error("--one_by_one fills masks; it does not go with --embed")
     if (args.search is None) != (args.search_in is None):
         parser.error("--search QUERY and --in DIR go together")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
     if args.search is not None:
         return search_main(args)
 
@@ -384,12 +389,6 @@ def main(argv=None):
           f"{c.max_seq_len}; {model.tok_embeddings.weight.device.type}, {model.attention_backend} attention\n")
     if args.embed:
         embeddings = embed(model, tokenizer, texts, args.pool, args.truncate, args.batch_tokens)
-    else:
-        if ids["mask"] is None:  # before the prompts, whose own errors would otherwise come first
-            fail(f"the tokenizer of {path!r} has no [MASK] token, so there is nothing to fill (try --embed)")
-        results = fill_mask(model, tokenizer, texts, args.top_k, args.one_by_one, args.truncate, args.batch_tokens)
-
-    if args.embed:
         print(f"{args.pool}-pooled embeddings, {embeddings.shape[1]} dimensions:")
         for i, text in enumerate(texts, 1):
             print(f"  {i:>2}  {show(text)}")
@@ -398,6 +397,9 @@ def main(argv=None):
         for i, row in enumerate(cosine_matrix(embeddings).tolist(), 1):
             print(f"  {i:>2}  " + "".join(f"{x:7.3f}" for x in row))
         return embeddings
+    if ids["mask"] is None:  # before the prompts, whose own errors would otherwise come first
+        fail(f"the tokenizer of {path!r} has no [MASK] token, so there is nothing to fill (try --embed)")
+    results = fill_mask(model, tokenizer, texts, args.top_k, args.one_by_one, args.truncate, args.batch_tokens)
     for r in results:
         print(show(r["text"]))
         print(f"  -> {show(r['filled'])}")
