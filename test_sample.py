@@ -19,6 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 import sample
 from modernbert import ModernBERT, config_for
+from test_train import crafted_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPECIALS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]
@@ -296,25 +297,12 @@ def test_cli_errors_exit_nonzero_without_a_traceback(tiny):
     assert run.stderr.strip() == "sample.py: error: prompt 1 ('no mask here') has no [MASK] to fill"
 
 
-class CodeOnLoad:
-    """Unpickling this creates a file: what a malicious checkpoint could do with pickle."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_a_checkpoint_that_would_run_code_is_refused(tiny, tmp_path):
     """sample.py reads checkpoints with weights_only=True: a crafted ckpt.pt is a one-line error
     and the code in it never runs (while a full unpickle of the same file would run it)."""
     marker = tmp_path / "pwned"
-    torch.save({"config": {}, "model": {}, "payload": CodeOnLoad(str(marker))}, tmp_path / "ckpt.pt")
+    crafted_checkpoint(tmp_path / "ckpt.pt", marker)  # asserts a full unpickle would run it
     shutil.copy(os.path.join(os.path.dirname(tiny["ckpt"]), "tokenizer.json"), tmp_path / "tokenizer.json")
-    torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert marker.exists()
-    marker.unlink()
     message = error_of(["--init_from", str(tmp_path), "--text", "a [MASK]"])
     assert "could run code" in message and "\n" not in message
     assert not marker.exists()
