@@ -31,7 +31,7 @@ import time
 import torch
 
 from modernbert import PRESETS, ModernBERT, config_for, cu_seqlens_of
-from train import matmul_flops, pick_device
+from runtime import matmul_flops, pick_device
 
 WORKLOADS = ["short_fixed", "short_var", "long_fixed", "long_var", "train"]
 

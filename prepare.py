@@ -30,7 +30,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 SPECIAL_TOKENS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]
 DEFAULT_OUT = "data/stdlib"
-VAL_FRACTION, VAL_CHARS = 0.05, 1_200_000  # the split's defaults, also for meta.json files that predate them
+VAL_FRACTION, VAL_CHARS = 0.05, 1_200_000  # the split's defaults
 
 
 def fail(message):
@@ -148,15 +148,16 @@ def check_tokenizer(tok):
     return ids
 
 
-def load_tokenizer(path):
+def tokenizer_to_reuse(path):
+    """--tokenizer FILE: a tokenizer.json with the special tokens the model needs."""
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for a missing or broken file
-        fail(f"cannot load tokenizer {str(path)!r}: {e}")
+        raise ValueError(f"cannot load tokenizer {str(path)!r}: {e}")
     try:
         check_tokenizer(tok)
     except ValueError as e:
-        fail(f"{path}: {e}")
+        raise ValueError(f"{path}: {e}") from None
     return tok
 
 
@@ -214,9 +215,12 @@ def write_outputs(out_dir, outputs):
 # ----------------------------------------------------------------------------- reading back
 
 def load_meta(data_dir):
+    """meta.json of a prepared directory; ValueError saying how to make one if there is none."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `python prepare.py` first")
+        out = "" if Path(data_dir) == Path(DEFAULT_OUT) else f" --out {data_dir}"
+        raise ValueError(f"no prepared data in {data_dir}/ (meta.json missing): run "
+                         f"`python prepare.py{out}` first")
     return json.loads(path.read_text())
 
 
@@ -232,29 +236,26 @@ def load_split(data_dir, split):
 
 def split_files(data_dir):
     """(train files, val files) of a prepared directory, each in file order: the corpus is listed
-    and read again as prepare.py did, val is meta.json's val_files (or, for a directory prepared
-    before those were recorded, the seeded split redone), and the result must match meta.json's
-    document and character counts. ValueError, one line, when it cannot be reproduced."""
+    and read again as prepare.py did, val is meta.json's val_files, and the result must match
+    meta.json's document and character counts. ValueError, one line, when it cannot be
+    reproduced (a directory prepared by an older prepare.py: run it again)."""
     meta = load_meta(data_dir)
-    source = meta.get("source", "")
+    source = meta["source"]
+    if "val_files" not in meta:
+        raise ValueError(f"{data_dir} was prepared by an older prepare.py (no val_files in its "
+                         "meta.json): run prepare.py again")
     try:
-        if meta.get("inputs"):
+        if meta["inputs"]:
             files = input_files(meta["inputs"])
-        elif " stdlib: " in source:
+        else:
             files, now = stdlib_files()
             if now != source:
                 raise ValueError(f"{data_dir} was prepared from {source}, this Python's is {now}")
-        else:  # a directory prepared before "inputs" was recorded: the --input arguments, space-joined
-            files = input_files(source.split(" "))
     except FileNotFoundError as e:
         raise ValueError(f"cannot list the corpus of {data_dir} again: {e}")
     docs, paths, _ = read_documents(files)
-    if "val_files" in meta:
-        val_paths = {os.path.join(meta["root"], f) for f in meta["val_files"]}
-        val = {i for i, p in enumerate(paths) if os.path.abspath(p) in val_paths}
-    else:
-        val = val_indices([len(d) for d in docs], meta.get("val_fraction", VAL_FRACTION),
-                          meta.get("val_chars", VAL_CHARS), meta["seed"])
+    val_paths = {os.path.join(meta["root"], f) for f in meta["val_files"]}
+    val = {i for i, p in enumerate(paths) if os.path.abspath(p) in val_paths}
     for split, members in (("train", set(range(len(docs))) - val), ("val", val)):
         found = {"docs": len(members), "chars": sum(len(docs[i]) for i in members)}
         want = {k: meta["splits"][split][k] for k in found}
@@ -288,7 +289,10 @@ def main(argv=None):
     if args.val_chars < 1:
         parser.error(f"--val_chars must be at least 1, got {args.val_chars}")
 
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # fail fast, before reading
+    try:
+        tok = tokenizer_to_reuse(args.tokenizer) if args.tokenizer else None  # before reading
+    except ValueError as e:
+        fail(e)
     try:
         files, source = (input_files(args.input), " ".join(args.input)) if args.input else stdlib_files()
     except FileNotFoundError as e:
