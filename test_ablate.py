@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ablate
 import train
-from test_train import HERE, log_of, write_data
+
+HERE = Path(__file__).resolve().parent
 
 
 def run_of(argv):
@@ -22,7 +24,7 @@ def run_of(argv):
     return settings, asdict(train.model_config(args, meta, train.PhaseStart()))
 
 
-def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path):
+def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path, write_data):
     """At the default budget (3.2M tokens) the top rung is exactly `python train.py --phase 1`;
     the bottom is BERT's parts and recipe; each rung between changes one thing (a change may be
     several flags: the optimizer comes with its clipping and weight decay)."""
@@ -58,7 +60,7 @@ def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_pa
 @pytest.mark.parametrize("flags, message", [(["--rungs", "bert,gpt"], "unknown rung 'gpt'"),
                                              (["--tokens", "0"], "--tokens must be at least 1"),
                                              (["--data", "nowhere"], "no prepared data in nowhere/")])
-def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys, write_data):
     data = write_data(tmp_path / "data", [40] * 10)
     with pytest.raises(SystemExit) as e:
         ablate.main(["--data", str(data), "--out", str(tmp_path / "out"), *flags])
@@ -67,7 +69,7 @@ def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_two_rung_ladder_end_to_end(tmp_path):
+def test_a_two_rung_ladder_end_to_end(tmp_path, write_data, log_of):
     """Two rungs, two seeds each, on a tiny model and budget, two at a time: the table, the JSON
     and the plot; the table's numbers are the logs' last evals; a second call reuses them all."""
     data = write_data(tmp_path / "data", np.random.default_rng(1).integers(5, 90, 200).tolist())
@@ -126,7 +128,7 @@ def test_repeats_by_hand():
     assert ablate.repeats(tokens, [(0, 100)], np.array([7])) == []  # 80 + 32 is past the end
 
 
-def test_pulled_apart_rows_put_each_use_d_after_its_only_definition(tmp_path):
+def test_pulled_apart_rows_put_each_use_d_after_its_only_definition(tmp_path, write_data):
     data = write_data(tmp_path / "data", [40] * 10, val_lengths=(50, 4300, 3000), vocab=2000)
     meta = train.load_meta(data)
     distances = [32, 128, 512, 4096]
@@ -141,7 +143,7 @@ def test_pulled_apart_rows_put_each_use_d_after_its_only_definition(tmp_path):
         assert not np.isin(labels[labels != -100], ids).any()  # never in the row
 
 
-def test_long_range_end_to_end_on_a_tiny_run(tmp_path):
+def test_long_range_end_to_end_on_a_tiny_run(tmp_path, write_data):
     """A tiny model's three phases, then --long_range on them: the tables, their counts (every
     masked token of the long documents lands in exactly one bucket), and the plot."""
     data = write_data(tmp_path / "data", np.random.default_rng(1).integers(5, 90, 200).tolist(),

@@ -19,7 +19,6 @@ import finetune
 import prepare
 import sample
 from modernbert import ModernBERT, config_for
-from test_sample import save_checkpoint, train_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,7 +73,7 @@ def corpus_file(i):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, train_tokenizer, save_checkpoint):
     """A prepared corpus of 16 files (3 functions each) and a tiny random model in our format."""
     root = tmp_path_factory.mktemp("ft")
     (root / "code").mkdir()

@@ -4,7 +4,6 @@ pipeline, its logits, its hidden states) and brute force (each text run alone). 
 and a tiny model are built here and saved both ways sample.py reads: our ckpt.pt and the Hugging
 Face format.
 """
-import dataclasses
 import io
 import os
 import shutil
@@ -15,14 +14,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 import sample
 from modernbert import ModernBERT, config_for
-from test_train import crafted_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPECIALS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]
+SPECIALS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]  # those conftest's train_tokenizer adds
 PROMPTS = [  # several masks, masks at either end, and prompts longer than the tiny local window (+-8)
     "for i in [MASK](len(items)):",
     "def __init__([MASK], name, value=None):\n    self.name = [MASK]\n    self.value = value",
@@ -32,31 +30,8 @@ PROMPTS = [  # several masks, masks at either end, and prompts longer than the t
 ]
 
 
-def train_tokenizer(lines, vocab_size=448):
-    """A byte-level BPE like prepare.py's: [CLS] $A [SEP] around a text, [MASK] with lstrip."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = [AddedToken(t, lstrip=(t == "[MASK]"), special=True) for t in SPECIALS]
-    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
-    return tok
-
-
-def save_checkpoint(model, directory, tokenizer, prefix="_orig_mod."):
-    """What train.py writes; the names carry torch.compile's prefix, as a compiled model's do."""
-    os.makedirs(directory, exist_ok=True)
-    state = {prefix + name: t for name, t in model.state_dict().items()}
-    torch.save({"config": dataclasses.asdict(model.config), "model": state, "phase": 1, "step": 7,
-                "meta": {"cls_id": 0, "sep_id": 1, "pad_id": 2, "mask_id": 3}, "optimizer": {}},
-               os.path.join(directory, "ckpt.pt"))
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, train_tokenizer, save_checkpoint):
     root = tmp_path_factory.mktemp("tiny")
     lines = [line for path in (textwrap.__file__, shutil.__file__) for line in open(path).read().splitlines()]
     tokenizer = train_tokenizer(lines)
@@ -178,7 +153,7 @@ def test_embeddings_equal_brute_force(tiny, reference, pool):
 
 # ----------------------------------------------------------------------------- loading, CLI
 
-def test_init_from_accepts_each_layout_and_picks_the_newest_phase(tiny, tmp_path):
+def test_init_from_accepts_each_layout_and_picks_the_newest_phase(tiny, tmp_path, save_checkpoint):
     run = tmp_path / "run"
     torch.manual_seed(1)
     other = ModernBERT(tiny["model"].config)
@@ -224,7 +199,7 @@ def test_embed_prints_the_cosine_table(tiny, capsys):
     torch.testing.assert_close(shown, sample.cosine_matrix(got), atol=5e-4, rtol=0)  # printed to 3 decimals
 
 
-def test_no_flags_uses_the_newest_checkpoint_of_out(tiny, tmp_path):
+def test_no_flags_uses_the_newest_checkpoint_of_out(tiny, tmp_path, save_checkpoint):
     save_checkpoint(tiny["model"], tmp_path / "out" / "phase1", tiny["tokenizer"])
     shutil.copytree(tmp_path / "out" / "phase1", tmp_path / "out" / "phase2")
     os.utime(tmp_path / "out" / "phase1" / "ckpt.pt", (1e9, 1e9))
@@ -276,7 +251,7 @@ def test_bad_models_are_clear_errors(tiny, tmp_path, monkeypatch):
     assert "run `python train.py --phase 1` first" in error_of(["--text", "a [MASK]"], monkeypatch, tmp_path)
 
 
-def test_tokenizer_without_mask_is_a_clear_error(tiny, tmp_path):
+def test_tokenizer_without_mask_is_a_clear_error(tiny, tmp_path, save_checkpoint):
     vocab = {t: i for i, t in enumerate(["[CLS]", "[SEP]", "[PAD]", "[UNK]", "a", "b"])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -297,7 +272,7 @@ def test_cli_errors_exit_nonzero_without_a_traceback(tiny):
     assert run.stderr.strip() == "sample.py: error: prompt 1 ('no mask here') has no [MASK] to fill"
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(tiny, tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused(tiny, tmp_path, crafted_checkpoint):
     """sample.py reads checkpoints with weights_only=True: a crafted ckpt.pt is a one-line error
     and the code in it never runs (while a full unpickle of the same file would run it)."""
     marker = tmp_path / "pwned"

@@ -16,21 +16,6 @@ from modernbert import Config, ModernBERT
 HERE = Path(__file__).resolve().parent
 
 
-def write_data(path, doc_lengths, val_lengths=(40, 50, 60), vocab=320, seed=0):
-    """A data directory in prepare.py's format: random ordinary ids, each document [CLS] ... [SEP]."""
-    path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    meta = {"vocab_size": vocab, "tokenizer_vocab_size": vocab, "dtype": "uint16",
-            "cls_id": 0, "sep_id": 1, "pad_id": 2, "mask_id": 3, "unk_id": 4, "splits": {}}
-    for split, lengths in (("train", doc_lengths), ("val", val_lengths)):
-        docs = [np.concatenate([[0], rng.integers(5, vocab, n - 2), [1]]) for n in lengths]
-        np.concatenate(docs).astype(np.uint16).tofile(path / f"{split}.bin")
-        np.save(path / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        meta["splits"][split] = {"docs": len(lengths), "tokens": int(sum(lengths))}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
-
-
 def tiny_args(data, out, *extra):
     return ["--data", str(data), "--out", str(out), "--model", "tiny", "--seq_len", "32", "--tokens", "100000",
             "--lr", "3e-3", "--warmup_tokens", "256", "--batch_size", "4", "--min_batch_size", "2",
@@ -38,16 +23,15 @@ def tiny_args(data, out, *extra):
             "--ckpt_every", "2", "--device", "cpu", "--dtype", "fp32", *extra]
 
 
-def log_of(out, phase):
-    return [json.loads(line) for line in (Path(out) / f"phase{phase}" / "log.jsonl").read_text().splitlines()]
-
-
-def losses(out, phase=1):
-    return [(r["step"], r["loss"]) for r in log_of(out, phase) if "loss" in r]
+@pytest.fixture
+def losses(log_of):
+    def losses(out, phase=1):
+        return [(r["step"], r["loss"]) for r in log_of(out, phase) if "loss" in r]
+    return losses
 
 
 @pytest.fixture
-def data(tmp_path):
+def data(tmp_path, write_data):
     rng = np.random.default_rng(1)
     return write_data(tmp_path / "data", rng.integers(5, 90, 200).tolist())
 
@@ -125,7 +109,7 @@ def test_batch_size_warmup_gives_base_equal_steps_per_size():
         assert abs(steps[size] - 50e9 / (1024 * 11520)) <= 1, (size, steps[size])
 
 
-def test_batch_warmup_and_token_accounting_in_a_run(tmp_path):
+def test_batch_warmup_and_token_accounting_in_a_run(tmp_path, write_data, log_of):
     # Every document exactly one row long, so a step of b sequences is exactly 32 b tokens.
     data = write_data(tmp_path / "data", [32] * 50)
     out = tmp_path / "out"
@@ -209,7 +193,7 @@ def test_eval_set_is_fixed_across_row_lengths(data):
     assert sets[0] == sets[1] and len(sets[0]) > 0
 
 
-def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path):
+def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path, write_data):
     """Seven rows, taken three at a time for 18 rows: every row exactly once in each of epochs 0
     and 1, then 4 rows of epoch 2; each epoch in a different order; the same rows however the
     takes are split and for a second TrainData with the same seed; and a row's mask in epoch 1
@@ -234,7 +218,7 @@ def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path):
         assert not torch.equal(labels[0], labels[1]) and torch.equal(labels[0], labels[2]), row
 
 
-def test_eval_set_split_across_ranks_and_masked_at_15_percent(tmp_path):
+def test_eval_set_split_across_ranks_and_masked_at_15_percent(tmp_path, write_data):
     """Two ranks' eval batches hold, together, exactly the one-process eval set's pieces (ids and
     labels), each once; the eval masks 15% of the ordinary tokens (not training's 30%), and of
     those 80% become [MASK]. About 40k val tokens: 15% +- 1% is over 5 standard deviations."""
@@ -315,7 +299,7 @@ def test_stable_adamw_matches_optimi_per_tensor_clipping():
     assert clipped == ["", "a", "", "c"]  # the case this test is about did happen
 
 
-def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp_path):
+def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp_path, log_of):
     """--optimizer adamw --grad_clip: one training step of train.py (two micro-batches) against the
     step written out by hand from the same initial weights and batch: the gradient of the whole
     batch scaled to norm 0.05 (a clip this small always bites), then Adam with betas (0.9, 0.999),
@@ -347,7 +331,7 @@ def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp
             torch.testing.assert_close(ckpt["model"][name], expected, atol=2e-6, rtol=1e-5, msg=name)
 
 
-def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tmp_path):
+def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tmp_path, log_of):
     """Each BERT switch: in the run settings (log and checkpoint) or the model config; kept by
     --resume (a different value is refused) and by phase 2; the LR follows the linear shape."""
     out = tmp_path / "out"
@@ -579,7 +563,7 @@ def test_gradient_accumulation_divides_by_the_global_masked_count():
         torch.testing.assert_close(accumulated[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_exact_resume(data, tmp_path):
+def test_exact_resume(data, tmp_path, losses):
     # dropout stays on (0.1): its draws must repeat too
     train.main(tiny_args(data, tmp_path / "straight", "--max_steps", "6"))
     train.main(tiny_args(data, tmp_path / "resumed", "--max_steps", "3"))
@@ -593,7 +577,7 @@ def test_exact_resume(data, tmp_path):
     assert len(losses(tmp_path / "straight")) == 6
 
 
-def test_dropout_on_in_training_off_in_eval_and_new_at_every_step(tmp_path, monkeypatch):
+def test_dropout_on_in_training_off_in_eval_and_new_at_every_step(tmp_path, monkeypatch, write_data):
     """Every dropout call, recorded in a 4-step run (dropout 0.1, an eval after steps 2 and 4, each
     step one 64-token micro-batch, so every step's masks have one shape): inside the training
     steps dropout is on at p = 0.1 and drops about 10% (12 masks of 64 x 64), also after an eval;
@@ -698,7 +682,7 @@ def test_later_phases_continue_weights_and_adam_moments(data, tmp_path):
     assert_continues(phase2, ckpt(3))
 
 
-def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path):
+def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path, log_of, losses):
     """One torchrun launch of 2 processes against one process accumulating 4 micro-batches: the
     same weights and losses; the same Adam moments, which hold the gradients themselves (Adam's
     update is almost blind to a gradient's scale, so a wrong factor in the gradient barely moves
@@ -747,7 +731,7 @@ def one_line_error(excinfo):
     (["--weight_decay", "-0.1"], "--weight_decay must be at least 0"), (["--tokens", "0"], "--tokens must be"),
     (["--micro_batch", "8", "--batch_size", "4"], "--micro_batch 8 is larger than --batch_size 4"),
     (["--eval_every", "0"], "--eval_every must be at least 1")])
-def test_bad_flags_are_one_argparse_error_before_anything_is_read_or_written(flags, message, tmp_path, capsys):
+def test_bad_flags_are_one_argparse_error_before_anything_is_read_or_written(flags, message, tmp_path, capsys, write_data):
     data = write_data(tmp_path / "data", [40] * 20)
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(data), "--out", str(tmp_path / "out"), *flags])
@@ -756,24 +740,7 @@ def test_bad_flags_are_one_argparse_error_before_anything_is_read_or_written(fla
     assert not (tmp_path / "out").exists()
 
 
-class CodeOnLoad:
-    """Unpickling this creates a file: what a malicious checkpoint could do with pickle."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def crafted_checkpoint(path, marker):
-    torch.save({"config": {}, "model": {}, "run": CodeOnLoad(str(marker))}, path)
-    torch.load(path, weights_only=False)  # the test can fail: a full unpickle runs the code...
-    assert marker.exists()
-    marker.unlink()                       # ...and is undone here
-
-
-def test_a_checkpoint_that_would_run_code_is_refused(data, tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused(data, tmp_path, crafted_checkpoint):
     """Checkpoints are read with weights_only=True: tensors and plain containers only. A crafted
     file is a one-line error wherever train.py reads one (--resume, --init_from, the previous
     phase), and the code in it never runs."""
@@ -877,7 +844,7 @@ def stdlib_data(tmp_path_factory):
     return out
 
 
-def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path):
+def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path, log_of):
     out = tmp_path / "out"
     common = ["--data", str(stdlib_data), "--out", str(out), "--device", "cpu", "--dtype", "fp32",
               "--eval_tokens", "8192", "--eval_every", "1000"]
