@@ -195,7 +195,7 @@ def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokeniz
         if step % ckpt_every == 0 and step < s["steps"]:
             checkpoint(finished=False)
     bar.close()
-    export_hf(model, out_dir, tokenizer_file)
+    export_hf(model, out_dir, tokenizer_file, pooling=s["pool"])  # a sentence-transformers dir too
     checkpoint(finished=True)  # last, so a finished checkpoint implies the export is there
 
 

@@ -12,6 +12,7 @@ raise ValueError with the reason; only a script's main turns it into `script.py:
 """
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -149,10 +150,12 @@ def load_checkpoint(path):
     return ckpt
 
 
-def export_hf(model, out_dir, tokenizer):
-    """out_dir/hf, a Hugging Face directory, written beside and then swapped in. A model that
-    mixes BERT's parts with ModernBERT's (an ablate.py rung) has no transformers class: none is
-    written."""
+def export_hf(model, out_dir, tokenizer, pooling=None):
+    """out_dir/hf, a directory that transformers loads as it is (the model, and its tokenizer
+    with the special tokens AutoTokenizer and pipeline("fill-mask") need), written beside and
+    then swapped in. With pooling ("mean" or "cls") it is a sentence-transformers model too,
+    pooling as we trained. A model that mixes BERT's parts with ModernBERT's (an ablate.py rung)
+    has no transformers class: none is written."""
     final, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
     try:
         hf_family(model.config)
@@ -163,8 +166,46 @@ def export_hf(model, out_dir, tokenizer):
     model.save_pretrained(tmp)
     if os.path.exists(tokenizer):
         shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
+        write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config(model.config))
+    if pooling:
+        for path, content in sentence_transformers_files(model.config, pooling).items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, path)), exist_ok=True)
+            write_json(os.path.join(tmp, path), content)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def write_json(path, content):
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+
+
+def tokenizer_config(config):
+    """transformers' tokenizer_config.json for our tokenizer.json: which tokens are special."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]",
+            "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]",
+            "unk_token": "[UNK]", "model_max_length": config.max_seq_len,
+            "clean_up_tokenization_spaces": False}
+
+
+def sentence_transformers_files(config, pooling):
+    """A sentence-transformers model around the transformers one: the encoder (this directory),
+    then pooling over every token ([CLS] and [SEP] included, as `pooled`), or the [CLS] state."""
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"}]
+    modes = ["cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+             "weightedmean_tokens", "lasttoken"]
+    chosen = {"mean": "mean_tokens", "cls": "cls_token"}[pooling]
+    return {"modules.json": modules,
+            "sentence_bert_config.json": {"max_seq_length": config.max_seq_len,
+                                          "do_lower_case": False},
+            "1_Pooling/config.json": {"word_embedding_dimension": config.d_model,
+                                      **{f"pooling_mode_{m}": m == chosen for m in modes},
+                                      "include_prompt": True},
+            "config_sentence_transformers.json": {"similarity_fn_name": "cosine", "prompts": {},
+                                                  "default_prompt_name": None}}
 
 
 # ----------------------------------------------------------------------------- a model to use

@@ -21,7 +21,7 @@ def run_of(argv):
     args = train.get_args(argv)
     settings = train.phase_settings(args, train.PhaseStart(), 1)
     meta = dict(vocab_size=8192, pad_id=2, cls_id=0, sep_id=1)
-    return settings, asdict(train.model_config(args, meta, train.PhaseStart()))
+    return vars(settings), asdict(train.model_config(args, meta, train.PhaseStart()))
 
 
 def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path, write_data):

@@ -15,8 +15,10 @@ import sys
 import pytest
 import torch
 
+import codesearch
 import finetune
 import prepare
+import runtime
 import sample
 from modernbert import ModernBERT, config_for
 
@@ -105,15 +107,15 @@ def test_metrics_equal_a_hand_computed_example():
     # Gold is the diagonal. Row 0: best of all -> rank 1. Row 1: 0.3 beats it and 0.2 ties it -> 3
     # (ties count against the gold). Row 2: all zero, as BM25 scores a query with no shared word -> 3.
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.2, 0.2], [0.0, 0.0, 0.0]])
-    assert finetune.gold_ranks(scores).tolist() == [1, 3, 3]
-    m = finetune.retrieval_metrics(torch.tensor([1, 2, 4, 11, 3]))
+    assert codesearch.gold_ranks(scores).tolist() == [1, 3, 3]
+    m = codesearch.retrieval_metrics(torch.tensor([1, 2, 4, 11, 3]))
     assert m["MRR@10"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 0 + 1 / 3) / 5)
     assert m["NDCG@10"] == pytest.approx((1 + 1 / 1.5849625007 + 1 / 2.3219280949 + 0 + 1 / 2) / 5)
     assert m["R@1"] == pytest.approx(1 / 5) and m["R@10"] == pytest.approx(4 / 5)
 
 
 def test_bm25_words_split_identifiers():
-    assert finetune.code_words("def read_file(HTTPServer, maxSize2): return the data") == [
+    assert codesearch.code_words("def read_file(HTTPServer, maxSize2): return the data") == [
         "def", "read", "file", "http", "server", "max", "size", "2", "return", "data"]
 
 
@@ -143,15 +145,16 @@ def test_train_and_test_pairs_come_from_disjoint_files(setup, tmp_path):
     assert not train_files & test_files
     assert sorted(test_files) == sorted(meta["val_files"]) and len(test_files) >= 2
     assert len(train) + len(test) == 16 * 3
-    # A directory prepared before val_files was recorded: the seeded split is redone, the same.
+    # A directory prepared before val_files was recorded is refused with what to do, not guessed.
     old = tmp_path / "old"
     shutil.copytree(setup["data"], old)
-    stripped = {k: v for k, v in meta.items() if k not in ("val_files", "root", "inputs", "val_fraction", "val_chars")}
-    (old / "meta.json").write_text(json.dumps({**stripped, "source": str(setup["root"] / "code")}))
-    with pytest.raises(ValueError, match="cannot reproduce the train split"):  # prepared with --val_fraction 0.25
+    stripped = {k: v for k, v in meta.items() if k != "val_files"}
+    (old / "meta.json").write_text(json.dumps(stripped))
+    with pytest.raises(ValueError, match="older prepare.py .*run prepare.py again"):
         prepare.split_files(old)
-    (old / "meta.json").write_text(json.dumps({**stripped, "source": str(setup["root"] / "code"), "val_fraction": 0.25}))
-    assert prepare.split_files(old) == prepare.split_files(setup["data"])
+    with pytest.raises(SystemExit, match="finetune.py: error: .*older prepare.py"):
+        finetune.main(["--init_from", setup["ckpt"], "--data", str(old), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -160,13 +163,14 @@ def test_train_and_test_pairs_come_from_disjoint_files(setup, tmp_path):
 def test_packed_embeddings_equal_one_text_at_a_time(setup, pool):
     model, tokenizer = setup["model"], setup["tokenizer"]
     texts = [corpus_file(i) for i in range(6)] + ["x", "Return the content of the box."]
-    packed = finetune.embed_texts(model, tokenizer, texts, max_tokens=96, pool=pool)
+    packed = runtime.embed(model, tokenizer, texts, max_tokens=96, pool=pool)
+    sep = tokenizer.token_to_id("[SEP]")
     with torch.no_grad():
         for text, row in zip(texts, packed):
-            ids = finetune.tokenize(tokenizer, [text], 96)[0]
+            ids = runtime.truncated(runtime.encode(tokenizer, [text]), 96, sep)[0]
             states = model.encode(torch.tensor([ids]))[0]                    # (len, d_model), padded path
             torch.testing.assert_close(row, states.mean(0) if pool == "mean" else states[0], atol=1e-5, rtol=0)
-    assert finetune.tokenize(tokenizer, texts, 96)[0][-1] == tokenizer.token_to_id("[SEP]")
+    assert runtime.truncated(runtime.encode(tokenizer, texts), 96, sep)[0][-1] == sep
 
 
 # ----------------------------------------------------------------------------- the run
@@ -174,17 +178,17 @@ def test_packed_embeddings_equal_one_text_at_a_time(setup, pool):
 def test_finetune_runs_resumes_exactly_and_exports(setup, tmp_path, monkeypatch):
     train, _ = finetune.load_pairs(setup["data"], 3)
     s = {**finetune.DEFAULTS, "steps": 4, "batch_size": 4, "max_doc_tokens": 48}
-    model, tokenizer, _ = sample.load_model(setup["ckpt"], "cpu")
+    model, tokenizer, _ = runtime.load_model(setup["ckpt"], "cpu")
     saved = []
-    real_save = finetune.save_checkpoint
-    monkeypatch.setattr(finetune, "save_checkpoint", lambda path, state: (saved.append(copy.deepcopy(state)),
+    real_save = finetune.save_atomic
+    monkeypatch.setattr(finetune, "save_atomic", lambda path, state: (saved.append(copy.deepcopy(state)),
                                                                           real_save(path, state)))
     tok_file = os.path.join(os.path.dirname(setup["ckpt"]), "tokenizer.json")
     finetune.finetune(model, tokenizer, train, s, str(tmp_path), None, False, setup["ckpt"], tok_file, ckpt_every=2)
     assert [c["step"] for c in saved] == [2, 4] and saved[-1]["finished"]
     assert not torch.equal(saved[-1]["model"]["layers.0.attn.Wqkv.weight"], setup["model"].layers[0].attn.Wqkv.weight)
     # From the step-2 checkpoint, a fresh model reaches the same weights.
-    again, _, _ = sample.load_model(setup["ckpt"], "cpu")
+    again, _, _ = runtime.load_model(setup["ckpt"], "cpu")
     finetune.finetune(again, tokenizer, train, s, str(tmp_path / "again"), saved[0], False, setup["ckpt"], tok_file, 2)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], tensor, atol=0, rtol=0)
@@ -204,7 +208,7 @@ def test_main_prints_the_table(setup, tmp_path, capsys):
     assert "| BM25 |" in printed and "| model | MRR@10 | NDCG@10 | Recall@1 | Recall@10 | seconds |" in printed
     assert json.loads((out / "results.json").read_text())["rows"][2]["metrics"] == rows[2]["metrics"]
     # The fine-tuned model is a model sample.py loads; --resume of a finished run only evaluates.
-    sample.load_model(str(out), "cpu")
+    runtime.load_model(str(out), "cpu")
     again = finetune.main(["--init_from", setup["ckpt"], "--data", setup["data"], "--out", str(out), "--resume", "--dtype", "fp32"])
     assert again[2]["metrics"] == rows[2]["metrics"]
 
@@ -226,8 +230,8 @@ def test_search_finds_a_planted_function_and_caches(setup, tmp_path, monkeypatch
     assert hits[0][1:] == (os.path.relpath(code / "pkg" / "io_helpers.py"), 4, "slurp")
     assert len(hits) == 3 and hits[0][0] > hits[1][0]
     calls = []
-    real = finetune.embed_texts
-    monkeypatch.setattr(finetune, "embed_texts", lambda model, tok, texts, *a, **k: (calls.append(len(texts)),
+    real = codesearch.embed
+    monkeypatch.setattr(codesearch, "embed", lambda model, tok, texts, *a, **k: (calls.append(len(texts)),
                                                                                      real(model, tok, texts, *a, **k))[1])
     assert sample.main(argv) == hits and calls == [1]  # only the query: every file came from the cache
     (code / "pkg" / "mod0.py").write_text(corpus_file(0) + "\n\ndef extra():\n    return 1\n")
@@ -263,7 +267,7 @@ def test_errors_are_one_line_and_write_nothing(setup, tmp_path, capsys):
                                                                       str(tmp_path / "bare_data"), "--out", str(out)])
     assert "no docstring pairs" in finetune_error(base + ["--min_query_words", "1000"])
     assert "does not exist" in finetune_error(base[:1] + ["nowhere/ckpt.pt"] + base[2:])
-    assert "run `python prepare.py` first" in finetune_error(base[:2] + ["--data", str(tmp_path), "--out", str(out)])
+    assert "meta.json missing): run `python prepare.py --out" in finetune_error(base[:2] + ["--data", str(tmp_path), "--out", str(out)])
     assert not out.exists()
     # sample.py --search: a wrong --in, a directory with no functions; no cache written.
     cache = tmp_path / "cache.pt"
@@ -280,4 +284,5 @@ def test_cli_error_exits_nonzero_without_a_traceback(setup, tmp_path):
                          timeout=120)
     assert run.returncode == 1 and not (tmp_path / "out").exists()
     assert run.stderr.strip().splitlines() == [f"finetune.py: error: no prepared data in {tmp_path / 'none'}/ "
-                                               "(meta.json missing): run `python prepare.py` first"]
+                                               "(meta.json missing): run `python prepare.py --out "
+                                               f"{tmp_path / 'none'}` first"]

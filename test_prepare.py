@@ -229,7 +229,7 @@ def test_interrupted_write_leaves_no_complete_looking_output(corpus, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run(root, out, "--seed", "7")
     assert not list(out.glob("*.tmp"))  # temporary files cleaned up
-    with pytest.raises(FileNotFoundError, match="run `python prepare.py` first"):
+    with pytest.raises(ValueError, match="meta.json missing.*run `python prepare.py --out .*` first"):
         prepare.load_meta(out)  # the old meta.json no longer vouches for a mixed directory
 
 

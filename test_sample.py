@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import runtime
 import sample
 from modernbert import ModernBERT, config_for
 
@@ -72,7 +73,7 @@ def reference(tiny):
 @pytest.mark.parametrize("source", ["ckpt", "hf"])
 @pytest.mark.parametrize("batch_tokens", [8192, 1])  # all prompts in one packed forward, or one each
 def test_fill_mask_equals_transformers_pipeline(tiny, reference, source, batch_tokens):
-    model, tokenizer, _ = sample.load_model(tiny[source], "cpu")
+    model, tokenizer, _ = runtime.load_model(tiny[source], "cpu")
     results = sample.fill_mask(model, tokenizer, PROMPTS, top_k=5, batch_tokens=batch_tokens)
     for prompt, result in zip(PROMPTS, results):
         expected = reference["fill_mask"](prompt, top_k=5)
@@ -87,7 +88,7 @@ def test_fill_mask_equals_transformers_pipeline(tiny, reference, source, batch_t
 
 def test_the_reference_is_sharp_and_context_dependent(tiny, reference):
     """Guards the test above against a flat model, under which any mask row would match."""
-    model, tokenizer, _ = sample.load_model(tiny["ckpt"], "cpu")
+    model, tokenizer, _ = runtime.load_model(tiny["ckpt"], "cpu")
     results = sample.fill_mask(model, tokenizer, PROMPTS, top_k=1)
     top1 = [m["top"][0] for r in results for m in r["masks"]]
     assert min(p for _, _, p in top1) > 50 / model.config.vocab_size
@@ -111,7 +112,7 @@ def greedy_reference(mlm, hf_tokenizer, prompt):
 
 
 def test_one_by_one_equals_a_greedy_loop_over_transformers(tiny, reference):
-    model, tokenizer, _ = sample.load_model(tiny["hf"], "cpu")
+    model, tokenizer, _ = runtime.load_model(tiny["hf"], "cpu")
     prompts = ["self.[MASK][MASK][MASK] = None", PROMPTS[1], PROMPTS[0]]  # 3, 2 and 1 masks in one batch
     results = sample.fill_mask(model, tokenizer, prompts, top_k=3, one_by_one=True)
     for prompt, result in zip(prompts, results):
@@ -130,8 +131,8 @@ def test_one_by_one_equals_a_greedy_loop_over_transformers(tiny, reference):
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_embeddings_equal_brute_force(tiny, reference, pool):
     texts = [p.replace("[MASK]", "x") for p in PROMPTS] + ["a"]
-    model, tokenizer, _ = sample.load_model(tiny["ckpt"], "cpu")
-    got = sample.embed(model, tokenizer, texts, pool=pool)
+    model, tokenizer, _ = runtime.load_model(tiny["ckpt"], "cpu")
+    got = sample.embed_prompts(model, tokenizer, texts, pool=pool)
     # Each text alone through our model, pooled over all of its tokens.
     alone = []
     for text in texts:
@@ -160,15 +161,15 @@ def test_init_from_accepts_each_layout_and_picks_the_newest_phase(tiny, tmp_path
     save_checkpoint(tiny["model"], run / "phase1", tiny["tokenizer"], prefix="module.")
     save_checkpoint(other, run / "phase2", tiny["tokenizer"], prefix="")
     os.utime(run / "phase2" / "ckpt.pt", (1e9, 1e9))  # phase 1 is the newer file: time wins, not the name
-    assert sample.find_model(str(run)) == str(run / "phase1" / "ckpt.pt")
-    assert sample.find_model(str(run / "phase2")) == str(run / "phase2" / "ckpt.pt")
-    assert sample.find_model(tiny["hf"]) == tiny["hf"]
+    assert runtime.find_model(str(run)) == str(run / "phase1" / "ckpt.pt")
+    assert runtime.find_model(str(run / "phase2")) == str(run / "phase2" / "ckpt.pt")
+    assert runtime.find_model(tiny["hf"]) == tiny["hf"]
     want = tiny["model"].state_dict()
     for path in (str(run), tiny["hf"], tiny["ckpt"]):
-        model, _, ids = sample.load_model(path, "cpu")
+        model, _, ids = runtime.load_model(path, "cpu")
         assert all(torch.equal(t, want[name]) for name, t in model.state_dict().items())
         assert ids == {name: tiny["tokenizer"].token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
-    model, _, _ = sample.load_model(str(run / "phase2"), "cpu")
+    model, _, _ = runtime.load_model(str(run / "phase2"), "cpu")
     assert torch.equal(model.tok_embeddings.weight, other.tok_embeddings.weight)
 
 
@@ -176,7 +177,7 @@ def test_prompts_from_stdin_and_truncation(tiny, monkeypatch, capsys):
     long_prompt = "[MASK] " + "word " * 600
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPTS[0]}\n\n{long_prompt}\n"))
     results = sample.main(["--init_from", tiny["ckpt"], "--file", "-", "--truncate", "--top_k", "2"])
-    model, tokenizer, _ = sample.load_model(tiny["ckpt"], "cpu")
+    model, tokenizer, _ = runtime.load_model(tiny["ckpt"], "cpu")
     first = sample.fill_mask(model, tokenizer, [PROMPTS[0]], top_k=2)[0]
     assert [r["text"] for r in results] == [PROMPTS[0], long_prompt]  # the blank line is no prompt
     assert [t for t, _, _ in results[0]["masks"][0]["top"]] == [t for t, _, _ in first["masks"][0]["top"]]
@@ -192,8 +193,8 @@ def test_prompts_from_stdin_and_truncation(tiny, monkeypatch, capsys):
 def test_embed_prints_the_cosine_table(tiny, capsys):
     texts = ["def add(a, b):", "def plus(x, y):", "import os"]
     got = sample.main(["--init_from", tiny["hf"], "--embed", "--pool", "cls"] + [a for t in texts for a in ("--text", t)])
-    model, tokenizer, _ = sample.load_model(tiny["hf"], "cpu")
-    torch.testing.assert_close(got, sample.embed(model, tokenizer, texts, pool="cls"), atol=1e-6, rtol=0)
+    model, tokenizer, _ = runtime.load_model(tiny["hf"], "cpu")
+    torch.testing.assert_close(got, sample.embed_prompts(model, tokenizer, texts, pool="cls"), atol=1e-6, rtol=0)
     table = capsys.readouterr().out.split("cosine similarity:\n")[1].splitlines()[1:]
     shown = torch.tensor([[float(x) for x in line.split()[1:]] for line in table])
     torch.testing.assert_close(shown, sample.cosine_matrix(got), atol=5e-4, rtol=0)  # printed to 3 decimals
@@ -258,11 +259,11 @@ def test_tokenizer_without_mask_is_a_clear_error(tiny, tmp_path, save_checkpoint
     save_checkpoint(tiny["model"], tmp_path, tokenizer)
     assert "has no [MASK] token" in error_of(["--init_from", str(tmp_path), "--text", "a b"])
     # Still fine for embeddings; without a post-processor, sample.py adds [CLS] ... [SEP] itself.
-    model, tokenizer, ids = sample.load_model(str(tmp_path), "cpu")
+    model, tokenizer, ids = runtime.load_model(str(tmp_path), "cpu")
     assert ids["mask"] is None
     with torch.no_grad():
         want = model.encode(torch.tensor([[vocab["[CLS]"], vocab["a"], vocab["b"], vocab["[SEP]"]]]))[0].mean(0)
-    torch.testing.assert_close(sample.embed(model, tokenizer, ["a b"])[0], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample.embed_prompts(model, tokenizer, ["a b"])[0], want, atol=1e-5, rtol=0)
 
 
 def test_cli_errors_exit_nonzero_without_a_traceback(tiny):

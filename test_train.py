@@ -60,14 +60,15 @@ def test_linear_schedule_hand_picked_points():
 
 
 def test_phase_defaults_keep_the_papers_relations():
-    phase1 = dict(train.EVERY_PRESET, seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32,
-                  min_batch_size=8, batch_warmup_tokens=5000, micro_batch=8)
+    phase1 = train.RunSettings(**{**vars(train.preset_settings("laptop")), **dict(
+        seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32, min_batch_size=8,
+        batch_warmup_tokens=5000, micro_batch=8)})
     phase2 = train.derived_settings(2, phase1)
-    assert (phase2["seq_len"], phase2["tokens"], phase2["lr"]) == (2048, 250_000, pytest.approx(3e-4))
-    assert (phase2["batch_size"], phase2["min_batch_size"], phase2["micro_batch"]) == (4, 4, 1)
-    assert phase2["warmup_tokens"] == 0
+    assert (phase2.seq_len, phase2.tokens, phase2.lr) == (2048, 250_000, pytest.approx(3e-4))
+    assert (phase2.batch_size, phase2.min_batch_size, phase2.micro_batch) == (4, 4, 1)
+    assert phase2.warmup_tokens == 0
     phase3 = train.derived_settings(3, phase2)
-    assert (phase3["seq_len"], phase3["tokens"], phase3["lr"]) == (2048, 50_000, pytest.approx(3e-4))
+    assert (phase3.seq_len, phase3.tokens, phase3.lr) == (2048, 50_000, pytest.approx(3e-4))
 
 
 def test_each_preset_continues_at_the_papers_phase_2_and_3_rates():
@@ -78,11 +79,11 @@ def test_each_preset_continues_at_the_papers_phase_2_and_3_rates():
                 "laptop": (1e-3, 1e-5, 3.75e-4, 1e-5)}
     for preset, (lr1, wd1, lr2, wd2) in expected.items():
         phase1 = train.phase_settings(train.get_args(["--preset", preset]), train.PhaseStart(), 1)
-        assert (phase1["lr"], phase1["weight_decay"]) == (lr1, wd1)
+        assert (phase1.lr, phase1.weight_decay) == (lr1, wd1)
         phase2 = train.derived_settings(2, phase1)
         phase3 = train.derived_settings(3, phase2)
         for later in (phase2, phase3):
-            assert (later["lr"], later["weight_decay"]) == (pytest.approx(lr2), pytest.approx(wd2)), preset
+            assert (later.lr, later.weight_decay) == (pytest.approx(lr2), pytest.approx(wd2)), preset
 
 
 def test_batch_size_warmup_sizes():
@@ -204,7 +205,7 @@ def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path, writ
     assert len(data.rows) == 7
     keys, position = [], [0, 0]
     for _ in range(6):
-        taken, position = data.take(position, 3)
+        taken, position = data.next_rows(position, 3)
         keys += taken
     assert position == [2, 4]
     assert [epoch for epoch, _ in keys] == [0] * 7 + [1] * 7 + [2] * 4
@@ -212,7 +213,7 @@ def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path, writ
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(7))  # every row once per epoch
     assert orders[0] != orders[1] and orders[0][:4] != orders[2] and orders[1][:4] != orders[2]
     again = train.TrainData(path, meta, 32, seed=5, phase=1, mask_rate=0.3)
-    assert again.take([0, 0], 18) == (keys, [2, 4])
+    assert again.next_rows([0, 0], 18) == (keys, [2, 4])
     for row in range(7):
         labels = [data.batch([(epoch, row)], "cpu")[2] for epoch in (0, 1, 0)]
         assert not torch.equal(labels[0], labels[1]) and torch.equal(labels[0], labels[2]), row
@@ -314,7 +315,7 @@ def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp
     model = ModernBERT(Config(**ckpt["config"]))
     meta = train.load_meta(data)
     train_data = train.TrainData(data, meta, s["seq_len"], s["seed"], 1, s["mask_rate"])
-    keys, _ = train_data.take([0, 0], 4)
+    keys, _ = train_data.next_rows([0, 0], 4)
     micro = [train_data.batch(keys[i:i + 2], "cpu") for i in (0, 2)]
     train.forward_backward(model, micro, 1, train.nullcontext)
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -359,7 +360,7 @@ def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tm
                 "--eval_tokens", "128", "--seq_len", "32", "--max_steps", "1"])
     assert {k: log_of(out, 2)[0]["settings"][k] for k in recipe} == recipe
     default = train.phase_settings(train.get_args([]), train.PhaseStart(), 1)
-    assert {k: default[k] for k in recipe} == dict(optimizer="stableadamw", grad_clip=0.0, schedule="wsd",
+    assert {k: getattr(default, k) for k in recipe} == dict(optimizer="stableadamw", grad_clip=0.0, schedule="wsd",
                                                    dropout_mode="modernbert")
 
 
@@ -790,9 +791,26 @@ def test_corrupted_or_incompatible_checkpoint_is_refused_and_kept(data, tmp_path
     assert ckpt.read_bytes() == good[: len(good) // 2]
 
 
+def test_a_checkpoint_of_another_train_py_version_is_refused_with_what_to_do(data, tmp_path):
+    """Run settings are exactly SETTINGS' names: a checkpoint whose settings lack one (written
+    before it existed) is not filled in with a guess, it is refused, saying to run again."""
+    out = tmp_path / "out"
+    train.main(tiny_args(data, out, "--max_steps", "2"))
+    ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
+    assert set(ckpt["run"]) == {s.name for s in train.SETTINGS}
+    del ckpt["run"]["schedule"]
+    torch.save(ckpt, out / "phase1" / "ckpt.pt")
+    for argv in (tiny_args(data, out, "--max_steps", "4", "--resume"),
+                 ["--data", str(data), "--out", str(out), "--phase", "2"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert "another version of train.py" in one_line_error(e) and "schedule" in one_line_error(e)
+    assert not (out / "phase2").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     poisoned = {"on": False}
-    real_save, real_ce = train.save_checkpoint, torch.nn.functional.cross_entropy
+    real_save, real_ce = train.save_atomic, torch.nn.functional.cross_entropy
 
     def save_then_poison(path, state):
         real_save(path, state)
@@ -802,7 +820,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
         loss = real_ce(*args, **kwargs)
         return loss * float("nan") if poisoned["on"] else loss
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_poison)
+    monkeypatch.setattr(train, "save_atomic", save_then_poison)
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
