@@ -323,8 +323,10 @@ def load_phase(run, phase, max_len):
         raise ValueError(f"{path} does not exist: --long_range reads a run's three phases "
                          f"(python train.py --phase {phase} --out {run})")
     ckpt = load_checkpoint(path)
-    known = Config.__dataclass_fields__
-    config = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    try:
+        config = Config(**ckpt["config"])
+    except TypeError as e:  # a checkpoint of another modernbert.py
+        raise ValueError(f"{path} does not fit this modernbert.py ({e}): train it again") from None
     if config.positions != "rope":
         raise ValueError(f"{path} has learned positions, which stop at {config.max_seq_len}; "
                          "--long_range needs a RoPE model")

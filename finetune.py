@@ -116,22 +116,23 @@ def info_nce(queries, docs, temperature):
     return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
 
 
-def evaluate(model, tokenizer, test, s, bf16, desc):
+def evaluate(model, tokenizer, test, settings, bf16, desc):
     """Metrics of a model on the test pairs: every test function is a candidate for every query."""
     model.eval()
-    q = embed(model, tokenizer, [p["query"] for p in test], s["max_query_tokens"], s["pool"],
-              bf16, desc=f"{desc}: queries")
-    d = embed(model, tokenizer, [p["code"] for p in test], s["max_doc_tokens"], s["pool"],
-              bf16, desc=f"{desc}: functions")
+    q = embed(model, tokenizer, [p["query"] for p in test], settings["max_query_tokens"],
+              settings["pool"], bf16, desc=f"{desc}: queries")
+    d = embed(model, tokenizer, [p["code"] for p in test], settings["max_doc_tokens"],
+              settings["pool"], bf16, desc=f"{desc}: functions")
     return retrieval_metrics(gold_ranks(F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T))
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def finetune_lr(step, s):
+def finetune_lr(step, settings):
     """Linear warmup over the first `warmup` share of the steps, then linear decay to 0."""
-    warmup = max(1, round(s["warmup"] * s["steps"]))
-    return s["lr"] * min((step + 1) / warmup, (s["steps"] - step) / max(1, s["steps"] - warmup))
+    steps = settings["steps"]
+    warmup = max(1, round(settings["warmup"] * steps))
+    return settings["lr"] * min((step + 1) / warmup, (steps - step) / max(1, steps - warmup))
 
 
 def next_pairs(position, n, n_pairs, seed):
@@ -145,14 +146,16 @@ def next_pairs(position, n, n_pairs, seed):
     return order[used:used + n].tolist(), [epoch, used + n]
 
 
-def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokenizer_file,
+def finetune(model, tokenizer, pairs, settings, out_dir, resumed, bf16, source, tokenizer_file,
              ckpt_every):
-    """Trains model in place for s["steps"] steps of s["batch_size"] pairs; writes out_dir/ckpt.pt
-    (atomically, every ckpt_every steps and at the end), and at the end tokenizer.json and hf/."""
+    """Trains model in place for settings["steps"] steps of settings["batch_size"] pairs; writes
+    out_dir/ckpt.pt (atomically, every ckpt_every steps and at the end), and at the end
+    tokenizer.json and hf/."""
     sep = tokenizer.token_to_id("[SEP]")
-    queries = truncated(encode(tokenizer, [p["query"] for p in pairs]), s["max_query_tokens"], sep)
-    docs = truncated(encode(tokenizer, [p["code"] for p in pairs]), s["max_doc_tokens"], sep)
-    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+    queries = truncated(encode(tokenizer, [p["query"] for p in pairs]),
+                        settings["max_query_tokens"], sep)
+    docs = truncated(encode(tokenizer, [p["code"] for p in pairs]), settings["max_doc_tokens"], sep)
+    optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"])
     step, position = 0, [0, 0]
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -165,37 +168,39 @@ def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokeniz
 
     def checkpoint(finished):
         save_atomic(ckpt_path, {"config": asdict(model.config), "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(), "settings": s, "step": step,
-                                "position": position, "finished": finished, "init_from": source})
+                                "optimizer": optimizer.state_dict(), "settings": settings,
+                                "step": step, "position": position, "finished": finished,
+                                "init_from": source})
 
     model.train()
     device = model.tok_embeddings.weight.device
-    bar = tqdm(total=s["steps"], initial=step, unit="step", desc=f"fine-tuning {source}",
+    bar = tqdm(total=settings["steps"], initial=step, unit="step", desc=f"fine-tuning {source}",
                dynamic_ncols=True)
-    while step < s["steps"]:
+    while step < settings["steps"]:
         start = time.perf_counter()
-        batch, position = next_pairs(position, s["batch_size"], len(pairs), s["seed"])
+        batch, position = next_pairs(position, settings["batch_size"], len(pairs), settings["seed"])
         with autocast_for(device, bf16):
             # Queries and documents in one packed forward: (2 * batch, d_model), queries first.
             embeddings = pooled(model, [queries[i] for i in batch] + [docs[i] for i in batch],
-                                s["pool"])
-        loss = info_nce(*embeddings.chunk(2), s["temperature"])
+                                settings["pool"])
+        loss = info_nce(*embeddings.chunk(2), settings["temperature"])
         if not math.isfinite(loss.item()):
             raise ValueError(f"loss is {loss.item()} at step {step + 1}; nothing saved for it. "
                              "Try a lower --lr")
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = finetune_lr(step, s)
+            group["lr"] = finetune_lr(step, settings)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{finetune_lr(step - 1, s):.2e}",
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{finetune_lr(step - 1, settings):.2e}",
                         pairs_s=f"{len(batch) / (time.perf_counter() - start):.1f}")
-        if step % ckpt_every == 0 and step < s["steps"]:
+        if step % ckpt_every == 0 and step < settings["steps"]:
             checkpoint(finished=False)
     bar.close()
-    export_hf(model, out_dir, tokenizer_file, pooling=s["pool"])  # a sentence-transformers dir too
+    # a transformers and a sentence-transformers directory, pooling as trained
+    export_hf(model, out_dir, tokenizer_file, pooling=settings["pool"])
     checkpoint(finished=True)  # last, so a finished checkpoint implies the export is there
 
 
@@ -297,7 +302,7 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test, bf16,
+def before_and_after(model, tokenizer, source, settings, resumed, out_dir, train, test, bf16,
                      ckpt_every):
     """The table's two rows for one model: as pretrained (zero-shot), then fine-tuned (now, or
     from a finished checkpoint in out_dir)."""
@@ -312,14 +317,14 @@ def before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test,
             model.load_state_dict(resumed["model"])
         elif name == "fine-tuned":
             folder = source if os.path.isdir(source) else os.path.dirname(source)
-            finetune(model, tokenizer, train, s, out_dir, resumed, bf16, source,
+            finetune(model, tokenizer, train, settings, out_dir, resumed, bf16, source,
                      os.path.join(folder, "tokenizer.json"), ckpt_every)
-        metrics = evaluate(model, tokenizer, test, s, bf16, name)
+        metrics = evaluate(model, tokenizer, test, settings, bf16, name)
         rows.append({"name": f"{source} {name}", "metrics": metrics,
                      "seconds": time.perf_counter() - start})
         tqdm.write(f"{rows[-1]['name']}: MRR@10 {metrics['MRR@10']:.3f}, "
                    f"{rows[-1]['seconds']:.0f} s")
-    rows[-1].update(out=out_dir, settings=s)
+    rows[-1].update(out=out_dir, settings=settings)
     return rows
 
 
@@ -340,14 +345,14 @@ def run_all(args, began):
     runs = [plan_run(args, source, out_dir) for source, out_dir in zip(sources, out_dirs)]
     train, test = load_pairs(args.data, runs[0][0]["min_query_words"])
     models = []
-    for source, (s, _) in zip(sources, runs):
+    for source, (settings, _) in zip(sources, runs):
         models.append(load_model(source, device))
         context = models[-1][0].config.max_seq_len
-        if max(s["max_query_tokens"], s["max_doc_tokens"]) > context:
+        if max(settings["max_query_tokens"], settings["max_doc_tokens"]) > context:
             raise ValueError(f"--max_doc_tokens/--max_query_tokens exceed {source}'s context of "
                              f"{context}")
-        if s["batch_size"] > len(train):
-            raise ValueError(f"--batch_size {s['batch_size']} is more than the {len(train)} "
+        if settings["batch_size"] > len(train):
+            raise ValueError(f"--batch_size {settings['batch_size']} is more than the {len(train)} "
                              "training pairs")
     bf16 = speed_setup(device, args.dtype, "off")[0]
     print(f"{len(train)} training pairs, {len(test)} test pairs (each test query ranks all "
@@ -357,10 +362,10 @@ def run_all(args, began):
     bm25 = bm25_scores([p["query"] for p in test], [p["code"] for p in test])
     rows = [{"name": "BM25", "metrics": retrieval_metrics(gold_ranks(bm25)),
              "seconds": time.perf_counter() - start}]
-    for source, (s, resumed), out_dir, (model, tokenizer, _) in zip(sources, runs, out_dirs,
+    for source, (settings, resumed), out_dir, (model, tokenizer, _) in zip(sources, runs, out_dirs,
                                                                      models):
-        rows += before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test, bf16,
-                                 args.ckpt_every)
+        rows += before_and_after(model, tokenizer, source, settings, resumed, out_dir, train, test,
+                                 bf16, args.ckpt_every)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"train_pairs": len(train), "test_pairs": len(test), "bf16": bf16,

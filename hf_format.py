@@ -29,7 +29,7 @@ def hf_family(c):
 # transformers' names for ours: (our prefix, theirs) pairs, the first that fits wins; {} is the
 # layer. "qkv" stands for our fused Wqkv, which BERT keeps as three Linear layers: query, key and
 # value.
-L = "bert.encoder.layer.{}."
+BERT_LAYER = "bert.encoder.layer.{}."
 HF_NAMES = {
     "modernbert": [("tok_embeddings.", "model.embeddings.tok_embeddings."),
                    ("layers.", "model.layers."),
@@ -40,12 +40,12 @@ HF_NAMES = {
     "bert": [("tok_embeddings.", "bert.embeddings.word_embeddings."),
              ("pos_embeddings.", "bert.embeddings.position_embeddings."),
              ("embed_norm.", "bert.embeddings.LayerNorm."),
-             ("layers.{}.attn.Wqkv.", L + "attention.self.qkv."),
-             ("layers.{}.attn.Wo.", L + "attention.output.dense."),
-             ("layers.{}.attn_norm.", L + "attention.output.LayerNorm."),
-             ("layers.{}.mlp.Wi.", L + "intermediate.dense."),
-             ("layers.{}.mlp.Wo.", L + "output.dense."),
-             ("layers.{}.mlp_norm.", L + "output.LayerNorm."),
+             ("layers.{}.attn.Wqkv.", BERT_LAYER + "attention.self.qkv."),
+             ("layers.{}.attn.Wo.", BERT_LAYER + "attention.output.dense."),
+             ("layers.{}.attn_norm.", BERT_LAYER + "attention.output.LayerNorm."),
+             ("layers.{}.mlp.Wi.", BERT_LAYER + "intermediate.dense."),
+             ("layers.{}.mlp.Wo.", BERT_LAYER + "output.dense."),
+             ("layers.{}.mlp_norm.", BERT_LAYER + "output.LayerNorm."),
              ("head.dense.", "cls.predictions.transform.dense."),
              ("head.norm.", "cls.predictions.transform.LayerNorm."),
              ("decoder.bias", "cls.predictions.bias")],

@@ -203,10 +203,10 @@ def main(argv=None):
         texts = read_prompts(args) or (DEFAULT_EMBED_TEXTS if args.embed else DEFAULT_PROMPTS)
         path = find_model(args.init_from)
         model, tokenizer, ids = load_model(path, args.device)
-        c = model.config
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{path}: {c.n_layers} layers, d_model {c.d_model}, {n_params / 1e6:.1f}M "
-              f"parameters, context {c.max_seq_len}; {model.tok_embeddings.weight.device.type}, "
+        config, n_params = model.config, sum(p.numel() for p in model.parameters())
+        print(f"{path}: {config.n_layers} layers, d_model {config.d_model}, {n_params / 1e6:.1f}M "
+              f"parameters, context {config.max_seq_len}; "
+              f"{model.tok_embeddings.weight.device.type}, "
               f"{model.attention_backend} attention\n")
         if args.embed:
             return embed_main(args, model, tokenizer, texts)

@@ -530,16 +530,16 @@ def model_config(args, meta, start):
 
 
 def print_banner(args, ph, start, device, bf16, use_compile):
-    c, run = ph.model.config, ph.run
+    config, run = ph.model.config, ph.run
     origin = (f"; from {start.path}" + (f" at step {start.step}" if start.resumed else "")
               if start.source else "")
-    positions = (f"RoPE theta global {c.global_theta:g} / local {c.local_theta:g}"
-                 if c.positions == "rope" else f"learned positions up to {c.max_seq_len}")
+    positions = (f"RoPE theta global {config.global_theta:g} / local {config.local_theta:g}"
+                 if config.positions == "rope" else f"learned positions up to {config.max_seq_len}")
     print(f"phase {ph.number}: {sum(p.numel() for p in ph.model.parameters()) / 1e6:.1f}M "
-          f"parameters ({c.n_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, {c.n_heads} "
-          f"heads), {positions}; {device}, {'bf16 autocast' if bf16 else 'fp32'}, attention "
-          f"{ph.model.attention_backend}, compile {'on' if use_compile else 'off'}, {ph.world} "
-          f"process(es){origin}")
+          f"parameters ({config.n_layers} layers, d_model {config.d_model}, d_ff {config.d_ff}, "
+          f"{config.n_heads} heads), {positions}; {device}, {'bf16 autocast' if bf16 else 'fp32'}, "
+          f"attention {ph.model.attention_backend}, compile {'on' if use_compile else 'off'}, "
+          f"{ph.world} process(es){origin}")
     print(f"data {args.data}: {len(ph.data.rows):,} rows of {run.seq_len} tokens, packing "
           f"efficiency {ph.data.efficiency:.2%}; eval on {args.eval_tokens:,} val tokens, "
           "15% masked")
@@ -680,7 +680,7 @@ def mask_tokens(ids, rng, rate, mask_id, special_ids, ordinary_ids):
 
 def special_and_ordinary_ids(meta):
     special = np.array(sorted({v for k, v in meta.items() if k.endswith("_id")}))
-    vocab = meta.get("tokenizer_vocab_size", meta["vocab_size"])
+    vocab = meta["tokenizer_vocab_size"]
     return special, np.setdiff1d(np.arange(vocab), special)
 
 
