@@ -282,3 +282,49 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny, tmp_path, crafted_che
     message = error_of(["--init_from", str(tmp_path), "--text", "a [MASK]"])
     assert "could run code" in message and "\n" not in message
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- exports in other libraries
+
+@pytest.mark.parametrize("family", ["modernbert", "bert"])
+def test_exported_hf_dir_is_a_fill_mask_pipeline_with_our_predictions(tiny, tmp_path, family):
+    """export_hf's directory (what train.py writes to out/phaseN/hf) works in transformers as it
+    is: AutoTokenizer knows the special tokens and the length, and pipeline("fill-mask") gives
+    the same top 5, token and probability, as sample.py, for ModernBERT and for a BERT-mode model."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny["model"]
+    if family == "bert":
+        torch.manual_seed(0)
+        ids = {k: getattr(model.config, k) for k in ("vocab_size", "pad_id", "cls_id", "sep_id")}
+        model = ModernBERT(config_for("bert-mini", n_layers=2, d_model=64, n_heads=4, d_ff=96,
+                                      max_seq_len=256, init_std=0.2, **ids)).eval()
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tiny["tokenizer"].save(str(tokenizer_file))
+    runtime.export_hf(model, str(tmp_path), str(tokenizer_file))
+    hf_dir = str(tmp_path / "hf")
+    auto = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert [auto.cls_token, auto.sep_token, auto.pad_token, auto.mask_token, auto.unk_token] == SPECIALS
+    assert auto.model_max_length == model.config.max_seq_len
+    assert auto.mask_token_id == tiny["tokenizer"].token_to_id("[MASK]")
+    pipe = transformers.pipeline("fill-mask", model=hf_dir, top_k=5, device="cpu")
+    prompts = ["for i in [MASK](len(items)):", "return [MASK]"]
+    ours = sample.fill_mask(model, tiny["tokenizer"], prompts, top_k=5)
+    for prompt, mine in zip(prompts, ours):
+        theirs = pipe(prompt)
+        assert [t["token"] for t in theirs] == [i for i, _, _ in mine["masks"][0]["top"]]
+        assert [t["score"] for t in theirs] == pytest.approx([p for _, _, p in mine["masks"][0]["top"]],
+                                                            abs=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_sentence_transformers_loads_the_export_with_our_pooling(tiny, tmp_path, pool):
+    """With pooling (finetune.py's out/finetune/hf), the export is a sentence-transformers model:
+    SentenceTransformer(path).encode equals sample.py --embed's vectors, mean or [CLS] pooled."""
+    st = pytest.importorskip("sentence_transformers")
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tiny["tokenizer"].save(str(tokenizer_file))
+    runtime.export_hf(tiny["model"], str(tmp_path), str(tokenizer_file), pooling=pool)
+    texts = ["def add(a, b):\n    return a + b", "x", "with open(path) as f:\n    data = f.read()"]
+    theirs = st.SentenceTransformer(str(tmp_path / "hf"), device="cpu").encode(texts, convert_to_tensor=True)
+    ours = sample.embed_prompts(tiny["model"], tiny["tokenizer"], texts, pool=pool)
+    torch.testing.assert_close(theirs.float().cpu(), ours, atol=1e-5, rtol=0)
