@@ -131,7 +131,8 @@ def test_masking_statistics():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 320, 300_000)
     ids[rng.random(len(ids)) < 0.2] = rng.choice([0, 1, 2], 1)[0]  # plenty of [CLS]/[SEP]/[PAD]
-    special, ordinary = train.special_and_ordinary_ids({"vocab_size": 320, "cls_id": 0, "sep_id": 1, "pad_id": 2,
+    special, ordinary = train.special_and_ordinary_ids({"vocab_size": 320, "tokenizer_vocab_size": 320,
+                                                        "cls_id": 0, "sep_id": 1, "pad_id": 2,
                                                         "mask_id": 3, "unk_id": 4})
     inputs, labels = train.mask_tokens(ids, np.random.default_rng(1), 0.3, 3, special, ordinary)
     is_special = ids < 5
