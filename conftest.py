@@ -14,8 +14,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # Tiny models gain nothing from threads, and a second thread on a busy machine waits for
-    # its core at every op (10x slower here): one thread keeps the tests fast and their timing steady.
+    # Tiny models gain nothing from threads, and a second thread on a busy machine waits for its
+    # core at every op (10x slower here): one thread keeps the tests fast and their timing steady.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -25,7 +25,8 @@ def one_thread():
 # ----------------------------------------------------------------------------- data, logs
 
 def write_data(path, doc_lengths, val_lengths=(40, 50, 60), vocab=320, seed=0):
-    """A data directory in prepare.py's format: random ordinary ids, each document [CLS] ... [SEP]."""
+    """A data directory in prepare.py's format: random ordinary ids, each document
+    [CLS] ... [SEP]."""
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     meta = {"vocab_size": vocab, "tokenizer_vocab_size": vocab, "dtype": "uint16",
@@ -33,7 +34,8 @@ def write_data(path, doc_lengths, val_lengths=(40, 50, 60), vocab=320, seed=0):
     for split, lengths in (("train", doc_lengths), ("val", val_lengths)):
         docs = [np.concatenate([[0], rng.integers(5, vocab, n - 2), [1]]) for n in lengths]
         np.concatenate(docs).astype(np.uint16).tofile(path / f"{split}.bin")
-        np.save(path / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        np.save(path / f"{split}_offsets.npy",
+                np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         meta["splits"][split] = {"docs": len(lengths), "tokens": int(sum(lengths))}
     (path / "meta.json").write_text(json.dumps(meta))
     return path
@@ -46,7 +48,8 @@ def write_data_fixture():
 
 
 def log_of(out, phase):
-    return [json.loads(line) for line in (Path(out) / f"phase{phase}" / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line)
+            for line in (Path(out) / f"phase{phase}" / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(name="log_of", scope="session")
@@ -107,10 +110,12 @@ def train_tokenizer(lines, vocab_size=448):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, lstrip=(t == "[MASK]"), special=True) for t in SPECIALS]
-    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+        single="[CLS] $A [SEP]",
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
     return tok
 
 
