@@ -31,7 +31,7 @@ import time
 import torch
 
 from modernbert import PRESETS, ModernBERT, config_for, cu_seqlens_of
-from runtime import matmul_flops, pick_device
+from runtime import device_flag, matmul_flops, one_line_errors, pick_device
 
 WORKLOADS = ["short_fixed", "short_var", "long_fixed", "long_var", "train"]
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--train_batch", type=int, default=16, help="documents per training step")
     p.add_argument("--short_len", type=int, default=512)
     p.add_argument("--long_len", type=int, default=8192)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default="auto",
                    help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16")
     p.add_argument("--warmup", type=int, default=1)
@@ -86,8 +86,8 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def fail(message):
-    raise SystemExit(f"bench.py: error: {message}")
+def fail(message):  # main turns it into the one line `bench.py: error: ...`
+    raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -266,6 +266,11 @@ def measure_memory(args, impl, workload, hf_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    with one_line_errors("bench.py"):
+        return run(args)
+
+
+def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._memory_probe:
