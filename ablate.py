@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -35,6 +36,8 @@ import torch
 
 import train
 from modernbert import Config, ModernBERT
+from prepare import load_meta, load_split
+from runtime import load_checkpoint, one_line_errors, speed_setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,7 +80,7 @@ LADDER = ["bert"] + [name for name, *_ in CHANGES[:-1]] + ["modernbert"]
 # Leave-one-out: the changes whose rungs moved most at the default budget (README).
 DEFAULT_LEAVE_ONE_OUT = ["modernbert-rope", "modernbert-wsd", "modernbert-batch_warmup"]
 # The two ends, run on --seeds seeds; train.py's default seed first.
-ENDS, FIRST_SEED = ["bert", "modernbert"], train.EVERY_PRESET["seed"]
+ENDS, FIRST_SEED = ["bert", "modernbert"], train.preset_settings("laptop").seed
 # 400k tokens: 18 runs (14 rungs, 2 more seeds at each end), two at a time with one thread each,
 # in about 45 minutes on 2 CPU cores (measured: README, "What each change buys"). Only large
 # effects stand out of the seed spread at this budget; the README also has --tokens 1.6e6.
@@ -194,7 +197,7 @@ def ladder(args):
              if rung in args.rungs]
     dtype = args.dtype
     if dtype == "auto":  # measured once, so that every rung runs in the same precision
-        dtype = "bf16" if train.speed_setup("cpu", "auto", "off")[0] else "fp32"
+        dtype = "bf16" if speed_setup("cpu", "auto", "off")[0] else "fp32"
     print(f"ablate.py: {len(jobs)} train.py runs of {args.tokens:,} tokens, {args.jobs} at a "
           f"time, {args.threads} thread(s) each, {dtype}; logs in {args.out}/RUNG/train.txt")
     finished_jobs = []
@@ -208,7 +211,8 @@ def ladder(args):
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on their subprocesses
         failed = [f for f in pool.map(lambda job: run_rung(job, args, dtype, progress), jobs) if f]
     if failed:
-        fail(f"{len(failed)} run(s) failed: {'; '.join(failed)}; run ablate.py again to resume")
+        raise ValueError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; run ablate.py "
+                         "again to resume")
     results = {f"{rung}@{seed}": read_result(rung_dir(args.out, rung, seed)) for rung, seed in jobs}
     table = results_table(args, results, jobs, dtype)
     print(table)
@@ -316,17 +320,16 @@ def load_phase(run, phase, max_len):
     """A phase's trained model, in eval mode, able to read rows of max_len tokens."""
     path = os.path.join(run, f"phase{phase}", "ckpt.pt")
     if not os.path.exists(path):
-        fail(f"{path} does not exist: --long_range reads a run's three phases "
-             f"(python train.py --phase {phase} --out {run})")
+        raise ValueError(f"{path} does not exist: --long_range reads a run's three phases "
+                         f"(python train.py --phase {phase} --out {run})")
+    ckpt = load_checkpoint(path)
     try:
-        ckpt = train.load_checkpoint(path)
-    except ValueError as e:
-        fail(str(e))
-    known = Config.__dataclass_fields__
-    config = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+        config = Config(**ckpt["config"])
+    except TypeError as e:  # a checkpoint of another modernbert.py
+        raise ValueError(f"{path} does not fit this modernbert.py ({e}): train it again") from None
     if config.positions != "rope":
-        fail(f"{path} has learned positions, which stop at {config.max_seq_len}; "
-             "--long_range needs a RoPE model")
+        raise ValueError(f"{path} has learned positions, which stop at {config.max_seq_len}; "
+                         "--long_range needs a RoPE model")
     model = ModernBERT(replace(config, max_seq_len=max_len))  # RoPE: any length, no table
     model.load_state_dict(ckpt["model"])
     return model.eval()
@@ -361,7 +364,7 @@ def predict(model, rows, autocast, max_tokens):
 def long_documents(data, max_len, probe_tokens):
     """Val documents of at least 2048 tokens, in file order, each cut to its first max_len
     tokens, until probe_tokens: [(start, end)] in the val stream."""
-    _, offsets = train.load_split(data, "val")
+    _, offsets = load_split(data, "val")
     docs, n = [], 0
     for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
         if end - start >= min(ROW_LENGTHS) and n < probe_tokens:
@@ -374,7 +377,7 @@ def distance_accuracy(model, data, meta, docs, row_len, autocast):
     """Per bucket (correct, count) over the documents cut into rows of row_len tokens, masked as
     train.py's eval set masks the val stream; distances are counted inside each row, where the
     model can see them."""
-    tokens, _ = train.load_split(data, "val")
+    tokens, _ = load_split(data, "val")
     special, ordinary = train.special_and_ordinary_ids(meta)
     inputs, labels = train.mask_tokens(tokens.astype(np.int64),
                                        np.random.default_rng(train.EVAL_SEED), 0.15,
@@ -429,13 +432,13 @@ def planted_rows(data, meta, n_pairs, distances, seed=0, define=True):
     definition's context swapped for code from elsewhere; X can then only come from nearby code.
     Any other X in the row (in the filler, say) becomes another identifier, so that every d
     probes the same repeats. Returns (inputs, labels) rows and the distance of each label."""
-    tokens, offsets = train.load_split(data, "val")
+    tokens, offsets = load_split(data, "val")
     docs = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
     rng = np.random.default_rng([seed, define])
     identifiers = identifier_ids(data, meta)
     pairs = repeats(tokens, docs, identifiers)
     if not pairs:
-        fail(f"no identifier used twice 32-64 tokens apart in {data}'s val split")
+        raise ValueError(f"no identifier used twice 32-64 tokens apart in {data}'s val split")
     pairs = [pairs[i] for i in rng.permutation(len(pairs))[:n_pairs]]
 
     def code(n):  # n tokens of real val code from a random place inside one document
@@ -476,11 +479,11 @@ def planted_accuracy(model, rows, row_distances, autocast):
 
 
 def long_range(args):
-    meta = train.read_meta(args.data)
+    meta = load_meta(args.data)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and
-                                    train.speed_setup("cpu", "auto", "off")[0])
+                                    speed_setup("cpu", "auto", "off")[0])
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else \
-        train.nullcontext
+        nullcontext
     docs = long_documents(args.data, max(ROW_LENGTHS), args.probe_tokens)
     planted = planted_rows(args.data, meta, args.probe_pairs, PROBE_DISTANCES)
     control = planted_rows(args.data, meta, args.probe_pairs, PROBE_DISTANCES, define=False)
@@ -573,10 +576,6 @@ def plot_long_range(results, path):
 
 # ----------------------------------------------------------------------------- the command line
 
-def fail(message):
-    raise SystemExit(f"ablate.py: error: {message}")
-
-
 def get_args(argv):
     """ablate.py's own flags; anything after `--` goes to every train.py run as it is."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -625,8 +624,10 @@ def get_args(argv):
     for key in ("tokens", "seeds", "jobs", "threads", "probe_tokens", "probe_pairs"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
-    if not os.path.exists(os.path.join(args.data, "meta.json")):
-        p.error(f"no prepared data in {args.data}/: run `python prepare.py` first")
+    try:
+        load_meta(args.data)  # "run prepare.py first"
+    except ValueError as e:
+        p.error(str(e))
     args.train_extra = extra
     return args
 
@@ -634,10 +635,11 @@ def get_args(argv):
 def main(argv=None):
     args = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    if args.long_range:
-        long_range(args)
-    else:
-        ladder(args)
+    with one_line_errors("ablate.py"):
+        if args.long_range:
+            long_range(args)
+        else:
+            ladder(args)
 
 
 if __name__ == "__main__":

@@ -31,30 +31,36 @@ import time
 import torch
 
 from modernbert import PRESETS, ModernBERT, config_for, cu_seqlens_of
-from train import matmul_flops, pick_device
+from runtime import device_flag, matmul_flops, one_line_errors, pick_device
 
 WORKLOADS = ["short_fixed", "short_var", "long_fixed", "long_var", "train"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=PRESETS, default="base", help="modernbert.py's model preset (default: base)")
-    p.add_argument("--layers", type=int, default=6, help="depth (base has 22); 6 keeps 1 global in 3")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=PRESETS, default="base",
+                   help="modernbert.py's model preset (default: base)")
+    p.add_argument("--layers", type=int, default=6,
+                   help="depth (base has 22); 6 keeps 1 global in 3")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--short_batch", type=int, default=16, help="sequences per short batch")
     p.add_argument("--long_batch", type=int, default=2, help="sequences per long batch")
     p.add_argument("--train_batch", type=int, default=16, help="documents per training step")
     p.add_argument("--short_len", type=int, default=512)
     p.add_argument("--long_len", type=int, default=8192)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--_memory_probe", nargs=3, metavar=("IMPL", "WORKLOAD", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--_memory_probe", nargs=3, metavar=("IMPL", "WORKLOAD", "DIR"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key in ["layers", "short_batch", "long_batch", "train_batch", "repeat", "threads"]:
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -80,14 +86,15 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def fail(message):
-    raise SystemExit(f"bench.py: error: {message}")
+def fail(message):  # main turns it into the one line `bench.py: error: ...`
+    raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------- inputs
 
 def make_lengths(workload, args, g):
-    max_len, batch = {"short": (args.short_len, args.short_batch), "long": (args.long_len, args.long_batch),
+    max_len, batch = {"short": (args.short_len, args.short_batch),
+                      "long": (args.long_len, args.long_batch),
                       "train": (args.short_len, args.train_batch)}[workload.split("_")[0]]
     if workload.endswith("fixed"):
         return [max_len] * batch
@@ -116,16 +123,19 @@ def build_models(args, device, dtype, hf_dir, names=None):
     from transformers import ModernBertForMaskedLM
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         torch.manual_seed(args.seed)
-        config = config_for(args.model, n_layers=args.layers, max_seq_len=max(args.long_len, args.short_len))
+        config = config_for(args.model, n_layers=args.layers,
+                            max_seq_len=max(args.long_len, args.short_len))
         ModernBERT(config).save_pretrained(hf_dir)
-    names = names or ["ours", "hf_sdpa"] + (["hf_flash_attention_2"] if device.type == "cuda" and flash_available() else [])
+    names = names or ["ours", "hf_sdpa"] + (["hf_flash_attention_2"]
+                                            if device.type == "cuda" and flash_available() else [])
     models = {}
     for name in names:
         if name == "ours":
             models[name] = ModernBERT.from_pretrained(hf_dir)
         else:  # transformers with its own sparse prediction on, so its training step is at its best
             impl = name.removeprefix("hf_")
-            models[name] = ModernBertForMaskedLM.from_pretrained(hf_dir, attn_implementation=impl, sparse_prediction=True)
+            models[name] = ModernBertForMaskedLM.from_pretrained(hf_dir, attn_implementation=impl,
+                                                                 sparse_prediction=True)
     return {name: m.to(device=device, dtype=dtype).eval() for name, m in models.items()}
 
 
@@ -240,10 +250,12 @@ def memory_probe(args):
 
 def measure_memory(args, impl, workload, hf_dir):
     argv = [sys.executable, __file__, "--_memory_probe", impl, workload, hf_dir]
-    for key in ["model", "layers", "short_batch", "long_batch", "train_batch", "short_len", "long_len", "device", "dtype", "seed", "threads"]:
+    for key in ["model", "layers", "short_batch", "long_batch", "train_batch", "short_len",
+                "long_len", "device", "dtype", "seed", "threads"]:
         if getattr(args, key) is not None:
             argv += [f"--{key}", str(getattr(args, key))]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # big tensors: mmap'd, unmapped when freed
+    # big tensors: mmap'd, unmapped when freed
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode:
         fail(f"memory probe failed:\n{out.stderr[-2000:]}")
@@ -254,6 +266,11 @@ def measure_memory(args, impl, workload, hf_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    with one_line_errors("bench.py"):
+        return run(args)
+
+
+def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._memory_probe:
@@ -267,8 +284,9 @@ def main(argv=None):
     hf_dir = tempfile.mkdtemp(prefix="bench_modernbert_")
     models = build_models(args, device, dtype, hf_dir)
     ours = models["ours"]
-    print(f"device {device}, dtype {str(dtype).split('.')[-1]}, {args.model} width with {args.layers} layers, "
-          f"our attention backend: {ours.attention_backend}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+    print(f"device {device}, dtype {str(dtype).split('.')[-1]}, {args.model} width with "
+          f"{args.layers} layers, our attention backend: {ours.attention_backend}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}",
           file=sys.stderr)
     peak = matmul_flops(dtype, device, n=2048)  # the fastest of repeated large matmuls
     results = []
@@ -292,29 +310,34 @@ def main(argv=None):
         if not args.no_memory:
             row["memory_ratio"] = row["ours_mem_mib"] / row["hf_sdpa_mem_mib"]
         if workload == "short_fixed":
-            row["ours_tflops"] = row["ours_tok_s"] * ours.flops_per_token(args.short_len, 0.0, training=False) / 1e12
+            row["ours_tflops"] = row["ours_tok_s"] * \
+                ours.flops_per_token(args.short_len, 0.0, training=False) / 1e12
             row["matmul_peak_tflops"] = peak / 1e12
         results.append(row)
     if args.json:
-        print(json.dumps({"device": str(device), "dtype": str(dtype), "model": args.model, "layers": args.layers,
-                          "results": results}, indent=2))
+        print(json.dumps({"device": str(device), "dtype": str(dtype), "model": args.model,
+                          "layers": args.layers, "results": results}, indent=2))
     else:
         print_table(results, models)
 
 
 def print_table(results, models):
     names = [n for n in models]
-    head = "| workload | tokens (padding) | " + " | ".join(f"{n} tok/s" for n in names) + " | ours / hf_sdpa | memory ours / hf_sdpa (MiB) |"
+    head = "| workload | tokens (padding) | " + " | ".join(f"{n} tok/s" for n in names) + \
+        " | ours / hf_sdpa | memory ours / hf_sdpa (MiB) |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
         speeds = " | ".join(f"{r[f'{n}_tok_s']:,.0f}" for n in names)
-        mem = f"{r['ours_mem_mib']:,.0f} / {r['hf_sdpa_mem_mib']:,.0f} ({r['memory_ratio']:.2f}x)" if "memory_ratio" in r else "-"
-        print(f"| {r['workload']} | {r['real_tokens']:,} ({r['padding']:.0%}) | {speeds} | {r['speedup']:.2f}x | {mem} |")
+        mem = (f"{r['ours_mem_mib']:,.0f} / {r['hf_sdpa_mem_mib']:,.0f} ({r['memory_ratio']:.2f}x)"
+               if "memory_ratio" in r else "-")
+        print(f"| {r['workload']} | {r['real_tokens']:,} ({r['padding']:.0%}) | {speeds} | "
+              f"{r['speedup']:.2f}x | {mem} |")
     for r in results:
         if "ours_tflops" in r:
-            print(f"\nshort_fixed: ours {r['ours_tflops'] * 1e3:.0f} GFLOP/s, a large matmul {r['matmul_peak_tflops'] * 1e3:.0f} "
-                  f"GFLOP/s ({r['ours_tflops'] / r['matmul_peak_tflops']:.0%} of it)")
+            print(f"\nshort_fixed: ours {r['ours_tflops'] * 1e3:.0f} GFLOP/s, a large matmul "
+                  f"{r['matmul_peak_tflops'] * 1e3:.0f} GFLOP/s "
+                  f"({r['ours_tflops'] / r['matmul_peak_tflops']:.0%} of it)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Training pairs come from prepare.py's train files, test pairs from its val files
     python finetune.py                              # newest out/phase*/ckpt.pt -> out/finetune/
     python finetune.py --init_from path/to/run_or_hf_dir --out out/ft2
     python finetune.py --resume                     # continue an interrupted fine-tune exactly
-    python finetune.py --compare out_other          # another model, fine-tuned the same way, same table
+    python finetune.py --compare out_other          # another model fine-tuned alike, same table
     python sample.py --init_from out/finetune --search "read the whole file" --in some/code/
 
 Training is contrastive with in-batch negatives (InfoNCE; sentence-transformers calls it
@@ -18,16 +18,13 @@ ranks every test function for every test query: BM25, each model before fine-tun
 (zero-shot) and after. out/finetune/ holds ckpt.pt, tokenizer.json, hf/ and results.json.
 """
 import argparse
-import ast
 import json
 import math
 import os
 import re
 import shutil
-import textwrap
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,75 +33,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import sample
-from prepare import split_files
-from train import export_hf, load_checkpoint, make_optimizer, pick_device, save_checkpoint, speed_setup
+from codesearch import (MAX_DOC_TOKENS, MAX_QUERY_TOKENS, bm25_scores, code_functions,
+                        gold_ranks, retrieval_metrics)
+from prepare import load_meta, split_files
+from runtime import (DEFAULT_RUN_DIR, autocast_for, device_flag, embed, encode, export_hf,
+                     find_model, load_checkpoint, load_model, one_line_errors, pick_device,
+                     pooled, save_atomic, speed_setup, truncated)
+from train import make_optimizer
 
-DEFAULTS = dict(steps=400, batch_size=32, lr=2e-4, warmup=0.1, weight_decay=1e-5, temperature=0.05,
-                pool="mean", max_query_tokens=64, max_doc_tokens=256, min_query_words=3, seed=1337)
-
-
-def fail(message):
-    raise SystemExit(f"finetune.py: error: {message}")
+DEFAULTS = dict(steps=400, batch_size=32, lr=2e-4, warmup=0.1, weight_decay=1e-5,
+                temperature=0.05, pool="mean", max_query_tokens=MAX_QUERY_TOKENS,
+                max_doc_tokens=MAX_DOC_TOKENS, min_query_words=3, seed=1337)
 
 
 # ----------------------------------------------------------------------------- pairs
-
-DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)  # what can hold a docstring (and modules)
-
-
-def definitions(node):
-    """Every class and function inside node, outermost first. Only statement lists are visited
-    (a def is a statement), which is several times faster than ast.walk over every expression."""
-    for field in ("body", "orelse", "finalbody", "handlers", "cases"):
-        for child in getattr(node, field, []):
-            if isinstance(child, DEFINITIONS):
-                yield child
-            yield from definitions(child)
-
-
-def is_docstring(statement):
-    return (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
-            and isinstance(statement.value.value, str))
-
-
-def code_functions(text, strip_docstrings=False):
-    """Every function and method of a Python source, in order: dicts with "name", "line" (of the
-    def, or its first decorator), "docstring" (cleaned, None if it has none), "body" (statements
-    after the docstring) and "code" (the source, dedented; with strip_docstrings, every docstring
-    inside it, nested ones too, is cut out). None for a file that does not parse (the stdlib's
-    test data holds some Python 2)."""
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return None
-    lines = [line.encode() for line in text.splitlines(keepends=True)]  # ast columns count UTF-8 bytes
-    found = []
-    for node in definitions(tree):
-        if isinstance(node, ast.ClassDef):
-            continue
-        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-        code = lines[first - 1:node.end_lineno]
-        if strip_docstrings:
-            code = cut(code, first, [n.body[0] for n in [node, *definitions(node)] if is_docstring(n.body[0])])
-        docstring = ast.get_docstring(node)
-        found.append({"name": node.name, "line": first, "docstring": docstring,
-                      "body": len(node.body) - (docstring is not None),
-                      "code": textwrap.dedent(b"".join(code).decode())})
-    return sorted(found, key=lambda f: f["line"])
-
-
-def cut(code, first, nodes):
-    """code (byte lines from line `first` on) without the source spans of nodes; lines left
-    holding only whitespace go too."""
-    code = list(code)
-    for node in sorted(nodes, key=lambda n: n.lineno, reverse=True):  # bottom up: line numbers hold
-        a, b = node.lineno - first, node.end_lineno - first
-        code[a:b + 1] = [code[a][:node.col_offset] + code[b][node.end_col_offset:]]
-        if not code[a].strip():
-            del code[a]
-    return code
-
 
 def first_paragraph(docstring):
     return " ".join(re.split(r"\n\s*\n", docstring.strip())[0].split())
@@ -115,7 +57,8 @@ def file_pairs(paths, root, min_words, desc):
     "line", "name"}. Dropped: docstrings under min_words words, functions that are only a
     docstring, and every copy of a query or of a code that occurs more than once (a duplicate
     has no single right answer)."""
-    found, counts = [], dict(files=len(paths), unparsable=0, with_docstring=0, short=0, only_docstring=0)
+    found = []
+    counts = dict(files=len(paths), unparsable=0, with_docstring=0, short=0, only_docstring=0)
     for path in tqdm(paths, desc=desc, unit="file", leave=False):
         text = Path(path).read_text(encoding="utf-8")
         functions = code_functions(text, strip_docstrings=True)
@@ -130,142 +73,72 @@ def file_pairs(paths, root, min_words, desc):
             elif f["body"] == 0:
                 counts["only_docstring"] += 1
             else:
-                found.append({"query": query, "code": f["code"], "file": os.path.relpath(path, root),
-                              "line": f["line"], "name": f["name"]})
+                found.append({"query": query, "code": f["code"],
+                              "file": os.path.relpath(path, root), "line": f["line"],
+                              "name": f["name"]})
     query_n = Counter(p["query"].lower() for p in found)
     code_n = Counter(" ".join(p["code"].split()) for p in found)
-    pairs = [p for p in found if query_n[p["query"].lower()] == 1 and code_n[" ".join(p["code"].split())] == 1]
+    pairs = [p for p in found if query_n[p["query"].lower()] == 1
+             and code_n[" ".join(p["code"].split())] == 1]
     counts["duplicate_query"] = sum(n for n in query_n.values() if n > 1)
-    counts["duplicate_code"] = len(found) - len(pairs) - counts["duplicate_query"]  # the rest of the drops
+    # the rest of the drops
+    counts["duplicate_code"] = len(found) - len(pairs) - counts["duplicate_query"]
     counts["pairs"] = len(pairs)
     return pairs, counts
 
 
 def load_pairs(data_dir, min_words):
     """Train pairs from prepare.py's train files, test pairs from its val files."""
-    try:
-        train_files, val_files = split_files(data_dir)
-    except (ValueError, FileNotFoundError) as e:
-        fail(e)
+    train_files, val_files = split_files(data_dir)
     root = os.path.commonpath([os.path.abspath(p.parent) for p in train_files + val_files])
     train, test = [], []
     for name, paths, pairs in (("train", train_files, train), ("test", val_files, test)):
         found, c = file_pairs(paths, root, min_words, desc=f"{name} pairs")
         pairs += found
-        print(f"{name}: {c['files']} files ({c['unparsable']} unparsable), {c['with_docstring']} functions with "
-              f"a docstring; dropped {c['short']} under {min_words} words, {c['only_docstring']} docstring-only, "
-              f"{c['duplicate_query']} duplicate docstrings, {c['duplicate_code']} duplicate code: {len(found)} pairs")
+        print(f"{name}: {c['files']} files ({c['unparsable']} unparsable), "
+              f"{c['with_docstring']} functions with a docstring; dropped {c['short']} under "
+              f"{min_words} words, {c['only_docstring']} docstring-only, "
+              f"{c['duplicate_query']} duplicate docstrings, {c['duplicate_code']} duplicate "
+              f"code: {len(found)} pairs")
         if not found:
-            fail(f"no docstring pairs in the {name} split's {len(paths)} files of {data_dir} "
-                 f"(functions with a docstring of at least {min_words} words)")
+            raise ValueError(f"no docstring pairs in the {name} split's {len(paths)} files of "
+                             f"{data_dir} (functions with a docstring of at least {min_words} "
+                             "words)")
     return train, test
 
 
-# ----------------------------------------------------------------------------- embeddings
-
-def tokenize(tokenizer, texts, max_tokens):
-    """[CLS] ... [SEP] ids of each text, cut to max_tokens (the [SEP] kept)."""
-    seqs = sample.encode(tokenizer, texts)
-    sep = tokenizer.token_to_id("[SEP]")
-    return [ids if len(ids) <= max_tokens else ids[:max_tokens - 1] + [sep] for ids in seqs]
-
-
-def embed_packed(model, seqs, pool):
-    """(n_seqs, d_model) float32 embeddings from one forward over the sequences packed back to back
-    (no padding; cu_seqlens keeps each to itself): the mean of each one's final states over all
-    its tokens, [CLS] and [SEP] included, or its [CLS] state."""
-    device = model.tok_embeddings.weight.device
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    tokens = torch.tensor([t for s in seqs for t in s], device=device)
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    states = model.encode(tokens, cu_seqlens=cu_seqlens).float()              # (total_tokens, d_model)
-    if pool == "cls":
-        return states[cu_seqlens[:-1].long()]
-    seq_ids = torch.repeat_interleave(torch.arange(len(seqs), device=device), lengths)
-    sums = states.new_zeros(len(seqs), states.shape[1]).index_add_(0, seq_ids, states)
-    return sums / lengths[:, None]
-
-
-@torch.inference_mode()
-def embed_texts(model, tokenizer, texts, max_tokens, pool, bf16=False, batch_tokens=8192, desc=None):
-    """(n_texts, d_model) embeddings, packs of up to batch_tokens tokens per forward."""
-    seqs = tokenize(tokenizer, texts, max_tokens)
-    device = model.tok_embeddings.weight.device.type
-    out = []
-    with tqdm(total=len(seqs), desc=desc, unit="text", disable=desc is None, leave=False) as bar:
-        for pack in sample.packs([len(s) for s in seqs], batch_tokens):
-            with torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext():
-                out.append(embed_packed(model, [seqs[i] for i in pack], pool))
-            bar.update(len(pack))
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------- loss and metrics
+# ----------------------------------------------------------------------------- loss
 
 def info_nce(queries, docs, temperature):
     """InfoNCE with in-batch negatives: query i's positive is document i, the batch's other
     documents are its negatives; cosine similarities divided by the temperature."""
-    scores = F.normalize(queries, dim=-1) @ F.normalize(docs, dim=-1).T / temperature   # (n, n)
+    scores = F.normalize(queries, dim=-1) @ F.normalize(docs, dim=-1).T / temperature  # (n, n)
     return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
 
 
-def gold_ranks(scores):
-    """1-based rank of each query's own document (the diagonal) among all candidates. A tie counts
-    against it: BM25 scores a query sharing no word with anything 0 everywhere, which is a miss,
-    not rank 1."""
-    scores = torch.as_tensor(scores)                                       # (n_queries, n_docs)
-    return (scores >= scores.diagonal()[:, None]).sum(1)
-
-
-def retrieval_metrics(ranks):
-    """With one relevant document per query: MRR@10 = mean 1/rank (0 past 10), NDCG@10 = mean
-    1/log2(rank + 1) (ideal DCG is 1), Recall@k = share found in the top k."""
-    r = torch.as_tensor(ranks).double()
-    top10 = (r <= 10).double()
-    return {"MRR@10": (top10 / r).mean().item(), "NDCG@10": (top10 / torch.log2(r + 1)).mean().item(),
-            "R@1": (r == 1).double().mean().item(), "R@10": top10.mean().item()}
-
-
-# ----------------------------------------------------------------------------- BM25
-
-WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")  # HTTPServer -> HTTP Server; read_file -> read file
-
-
-def code_words(text):
-    """Lower-cased words with identifiers split at underscores and case changes, stopwords out."""
-    from bm25s.stopwords import STOPWORDS_EN
-    return [w for w in (m.lower() for m in WORD.findall(text)) if w not in STOPWORDS_EN]
-
-
-def bm25_scores(queries, docs):
-    """(n_queries, n_docs) BM25 scores (bm25s, its default Lucene variant, k1 1.5, b 0.75)."""
-    import bm25s  # only here: sample.py imports this file and does not need it
-    index = bm25s.BM25()
-    index.index([code_words(d) or ["<empty>"] for d in docs], show_progress=False)
-    return np.stack([index.get_scores(code_words(q)) for q in tqdm(queries, desc="BM25", leave=False)])
-
-
-def evaluate(model, tokenizer, test, s, bf16, desc):
+def evaluate(model, tokenizer, test, settings, bf16, desc):
     """Metrics of a model on the test pairs: every test function is a candidate for every query."""
     model.eval()
-    q = embed_texts(model, tokenizer, [p["query"] for p in test], s["max_query_tokens"], s["pool"], bf16,
-                    desc=f"{desc}: queries")
-    d = embed_texts(model, tokenizer, [p["code"] for p in test], s["max_doc_tokens"], s["pool"], bf16,
-                    desc=f"{desc}: functions")
+    q = embed(model, tokenizer, [p["query"] for p in test], settings["max_query_tokens"],
+              settings["pool"], bf16, desc=f"{desc}: queries")
+    d = embed(model, tokenizer, [p["code"] for p in test], settings["max_doc_tokens"],
+              settings["pool"], bf16, desc=f"{desc}: functions")
     return retrieval_metrics(gold_ranks(F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T))
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def lr_at(step, s):
+def finetune_lr(step, settings):
     """Linear warmup over the first `warmup` share of the steps, then linear decay to 0."""
-    warmup = max(1, round(s["warmup"] * s["steps"]))
-    return s["lr"] * min((step + 1) / warmup, (s["steps"] - step) / max(1, s["steps"] - warmup))
+    steps = settings["steps"]
+    warmup = max(1, round(settings["warmup"] * steps))
+    return settings["lr"] * min((step + 1) / warmup, (steps - step) / max(1, steps - warmup))
 
 
-def take(position, n, n_pairs, seed):
+def next_pairs(position, n, n_pairs, seed):
     """The next n pair indices of a seeded shuffle per epoch, and the position after them. An
-    epoch's last pairs that do not fill a batch are skipped, so no pair meets itself as a negative."""
+    epoch's last pairs that do not fill a batch are skipped, so no pair meets itself as a
+    negative."""
     epoch, used = position
     if used + n > n_pairs:
         epoch, used = epoch + 1, 0
@@ -273,12 +146,16 @@ def take(position, n, n_pairs, seed):
     return order[used:used + n].tolist(), [epoch, used + n]
 
 
-def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokenizer_file, ckpt_every):
-    """Trains model in place for s["steps"] steps of s["batch_size"] pairs; writes out_dir/ckpt.pt
-    (atomically, every ckpt_every steps and at the end), and at the end tokenizer.json and hf/."""
-    queries = tokenize(tokenizer, [p["query"] for p in pairs], s["max_query_tokens"])
-    docs = tokenize(tokenizer, [p["code"] for p in pairs], s["max_doc_tokens"])
-    optimizer = make_optimizer(model, s["lr"], s["weight_decay"])
+def finetune(model, tokenizer, pairs, settings, out_dir, resumed, bf16, source, tokenizer_file,
+             ckpt_every):
+    """Trains model in place for settings["steps"] steps of settings["batch_size"] pairs; writes
+    out_dir/ckpt.pt (atomically, every ckpt_every steps and at the end), and at the end
+    tokenizer.json and hf/."""
+    sep = tokenizer.token_to_id("[SEP]")
+    queries = truncated(encode(tokenizer, [p["query"] for p in pairs]),
+                        settings["max_query_tokens"], sep)
+    docs = truncated(encode(tokenizer, [p["code"] for p in pairs]), settings["max_doc_tokens"], sep)
+    optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"])
     step, position = 0, [0, 0]
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -286,81 +163,100 @@ def finetune(model, tokenizer, pairs, s, out_dir, resumed, bf16, source, tokeniz
         step, position = resumed["step"], resumed["position"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
-    shutil.copy(tokenizer_file, os.path.join(out_dir, "tokenizer.json"))  # sample.py loads ckpt.pt with it
+    # sample.py loads ckpt.pt with the tokenizer beside it
+    shutil.copy(tokenizer_file, os.path.join(out_dir, "tokenizer.json"))
 
     def checkpoint(finished):
-        save_checkpoint(ckpt_path, {"config": asdict(model.config), "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "settings": s, "step": step,
-                                    "position": position, "finished": finished, "init_from": source})
+        save_atomic(ckpt_path, {"config": asdict(model.config), "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(), "settings": settings,
+                                "step": step, "position": position, "finished": finished,
+                                "init_from": source})
 
     model.train()
-    device = model.tok_embeddings.weight.device.type
-    bar = tqdm(total=s["steps"], initial=step, unit="step", desc=f"fine-tuning {source}", dynamic_ncols=True)
-    while step < s["steps"]:
+    device = model.tok_embeddings.weight.device
+    bar = tqdm(total=settings["steps"], initial=step, unit="step", desc=f"fine-tuning {source}",
+               dynamic_ncols=True)
+    while step < settings["steps"]:
         start = time.perf_counter()
-        batch, position = take(position, s["batch_size"], len(pairs), s["seed"])
-        with torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext():
+        batch, position = next_pairs(position, settings["batch_size"], len(pairs), settings["seed"])
+        with autocast_for(device, bf16):
             # Queries and documents in one packed forward: (2 * batch, d_model), queries first.
-            embeddings = embed_packed(model, [queries[i] for i in batch] + [docs[i] for i in batch], s["pool"])
-        loss = info_nce(*embeddings.chunk(2), s["temperature"])
+            embeddings = pooled(model, [queries[i] for i in batch] + [docs[i] for i in batch],
+                                settings["pool"])
+        loss = info_nce(*embeddings.chunk(2), settings["temperature"])
         if not math.isfinite(loss.item()):
-            fail(f"loss is {loss.item()} at step {step + 1}; nothing saved for it. Try a lower --lr")
+            raise ValueError(f"loss is {loss.item()} at step {step + 1}; nothing saved for it. "
+                             "Try a lower --lr")
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, s)
+            group["lr"] = finetune_lr(step, settings)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step - 1, s):.2e}",
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{finetune_lr(step - 1, settings):.2e}",
                         pairs_s=f"{len(batch) / (time.perf_counter() - start):.1f}")
-        if step % ckpt_every == 0 and step < s["steps"]:
+        if step % ckpt_every == 0 and step < settings["steps"]:
             checkpoint(finished=False)
     bar.close()
-    export_hf(model, out_dir, tokenizer_file)
+    # a transformers and a sentence-transformers directory, pooling as trained
+    export_hf(model, out_dir, tokenizer_file, pooling=settings["pool"])
     checkpoint(finished=True)  # last, so a finished checkpoint implies the export is there
 
 
 # ----------------------------------------------------------------------------- main
 
 SETTING_HELP = {
-    "steps": "optimizer steps", "batch_size": "pairs per step; the other pairs' functions are the negatives",
-    "lr": "peak learning rate (StableAdamW)", "warmup": "share of the steps with a rising LR, then linear decay to 0",
-    "weight_decay": "decoupled weight decay", "temperature": "of the cosine similarities (sentence-transformers' "
-    "scale = 1 / temperature)", "pool": "embedding: the mean of the final states, or the [CLS] state",
+    "steps": "optimizer steps",
+    "batch_size": "pairs per step; the other pairs' functions are the negatives",
+    "lr": "peak learning rate (StableAdamW)",
+    "warmup": "share of the steps with a rising LR, then linear decay to 0",
+    "weight_decay": "decoupled weight decay",
+    "temperature": "of the cosine similarities (sentence-transformers' scale = 1 / temperature)",
+    "pool": "embedding: the mean of the final states, or the [CLS] state",
     "max_query_tokens": "queries are cut to this", "max_doc_tokens": "functions are cut to this",
     "min_query_words": "shorter docstrings are dropped", "seed": "seed of the data order"}
 CHECKS = {  # flag: (test, what it must be)
-    "steps": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 2, "at least 2 (the negatives)"),
+    "steps": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 2, "at least 2 (the negatives)"),
     "lr": (lambda v: v > 0, "positive"), "temperature": (lambda v: v > 0, "positive"),
     "warmup": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: v >= 0, "0 or more"),
     "max_query_tokens": (lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
     "max_doc_tokens": (lambda v: v >= 3, "at least 3 ([CLS], a token, [SEP])"),
-    "min_query_words": (lambda v: v >= 1, "at least 1"), "ckpt_every": (lambda v: v >= 1, "at least 1")}
+    "min_query_words": (lambda v: v >= 1, "at least 1"),
+    "ckpt_every": (lambda v: v >= 1, "at least 1")}
 
 
 def get_args(argv):
-    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune ModernBERT for code search "
-                                "(docstring -> function); compare with BM25 and zero-shot on held-out files.")
-    p.add_argument("--init_from", metavar="PATH", help="our ckpt.pt, its directory, a run directory (newest phase), "
-                   f"or a Hugging Face ModernBERT directory (default: newest {sample.DEFAULT_RUN_DIR}/phase*/ckpt.pt)")
+    p = argparse.ArgumentParser(prog="finetune.py", description="Fine-tune ModernBERT for code "
+                                "search (docstring -> function); compare with BM25 and zero-shot "
+                                "on held-out files.")
+    p.add_argument("--init_from", metavar="PATH", help="our ckpt.pt, its directory, a run "
+                   "directory (newest phase), or a Hugging Face ModernBERT directory (default: "
+                   f"newest {DEFAULT_RUN_DIR}/phase*/ckpt.pt)")
     p.add_argument("--compare", metavar="PATH", action="append", default=[],
-                   help="another model, fine-tuned the same way into OUT/compareN and added to the table; repeatable")
-    p.add_argument("--data", default="data/stdlib", help="prepare.py's output, whose split picks the files "
-                   "(default: %(default)s)")
-    p.add_argument("--out", default="out/finetune", help="ckpt.pt, tokenizer.json, hf/, results.json "
-                   "(default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (a finished one is only evaluated)")
-    p.add_argument("--overwrite", action="store_true", help="start over even if OUT/ckpt.pt exists")
+                   help="another model, fine-tuned the same way into OUT/compareN and added to "
+                        "the table; repeatable")
+    p.add_argument("--data", default="data/stdlib", help="prepare.py's output, whose split picks "
+                   "the files (default: %(default)s)")
+    p.add_argument("--out", default="out/finetune", help="ckpt.pt, tokenizer.json, hf/, "
+                   "results.json (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUT/ckpt.pt (a finished one is only evaluated)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if OUT/ckpt.pt exists")
     g = p.add_argument_group("fine-tuning (--resume keeps the checkpoint's)")
     for key, text in SETTING_HELP.items():
-        g.add_argument(f"--{key}", type=type(DEFAULTS[key]), choices=["mean", "cls"] if key == "pool" else None,
+        g.add_argument(f"--{key}", type=type(DEFAULTS[key]),
+                       choices=["mean", "cls"] if key == "pool" else None,
                        help=f"{text} (default: {DEFAULTS[key]})")
     g = p.add_argument_group("running")
-    g.add_argument("--ckpt_every", type=int, default=100, help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--ckpt_every", type=int, default=100,
+                   help="steps between checkpoints (default: %(default)s)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast; auto: where a bf16 matmul measures faster (default: %(default)s)")
-    g.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
+                   help="bf16 autocast; auto: where a bf16 matmul measures faster "
+                        "(default: %(default)s)")
+    g.add_argument("--device", type=device_flag, help="default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
     for key, (ok, want) in CHECKS.items():
         value = getattr(args, key)
@@ -368,9 +264,6 @@ def get_args(argv):
             p.error(f"--{key} must be {want}, got {value}")
     if args.resume and args.overwrite:
         p.error("--resume continues a run, --overwrite starts it over: pick one")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if args.device and not available[args.device]:
-        p.error(f"--device {args.device} is not available on this machine")
     return args
 
 
@@ -379,35 +272,42 @@ def plan_run(args, source, out_dir):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     flags = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
-        fail(f"{ckpt_path} exists: continue it with --resume, or start over with --overwrite")
+        raise ValueError(f"{ckpt_path} exists: continue it with --resume, or start over with "
+                         "--overwrite")
     if not (args.resume and os.path.exists(ckpt_path)):
         return {**DEFAULTS, **flags}, None
-    try:  # train.py's reader: weights_only, one-line errors
+    try:  # weights_only, one-line errors
         resumed = load_checkpoint(ckpt_path)
         settings, init_from = resumed["settings"], resumed["init_from"]
     except (ValueError, KeyError) as e:
-        fail(f"cannot read {ckpt_path} (corrupted, or not a finetune.py checkpoint): {e}")
+        raise ValueError(f"cannot read {ckpt_path} (corrupted, or not a finetune.py checkpoint): "
+                         f"{e}") from None
     for key, value in flags.items():
         if value != settings[key]:
-            fail(f"--{key} {value} differs from {settings[key]} in {ckpt_path}: --resume keeps its settings")
+            raise ValueError(f"--{key} {value} differs from {settings[key]} in {ckpt_path}: "
+                             "--resume keeps its settings")
     if init_from != source:
-        fail(f"{ckpt_path} fine-tunes {init_from}, not {source}: --resume continues it from where it began")
+        raise ValueError(f"{ckpt_path} fine-tunes {init_from}, not {source}: --resume continues "
+                         "it from where it began")
     return settings, resumed
 
 
 def markdown_table(rows):
-    lines = ["| model | MRR@10 | NDCG@10 | Recall@1 | Recall@10 | seconds |", "|---|---|---|---|---|---|"]
+    lines = ["| model | MRR@10 | NDCG@10 | Recall@1 | Recall@10 | seconds |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"| {r['name']} | {m['MRR@10']:.3f} | {m['NDCG@10']:.3f} | {m['R@1']:.3f} | {m['R@10']:.3f} "
-                     f"| {r['seconds']:.0f} |")
+        lines.append(f"| {r['name']} | {m['MRR@10']:.3f} | {m['NDCG@10']:.3f} | {m['R@1']:.3f} "
+                     f"| {m['R@10']:.3f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test, bf16, ckpt_every):
+def before_and_after(model, tokenizer, source, settings, resumed, out_dir, train, test, bf16,
+                     ckpt_every):
     """The table's two rows for one model: as pretrained (zero-shot), then fine-tuned (now, or
     from a finished checkpoint in out_dir)."""
-    for block in model.layers:  # no dropout: Hugging Face's default for fine-tuning, and --resume stays exact
+    # no dropout: Hugging Face's default for fine-tuning, and --resume stays exact
+    for block in model.layers:
         block.attn.out_drop.p = 0.0
     model.config.attn_out_dropout = 0.0
     rows = []
@@ -416,55 +316,64 @@ def before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test,
         if name == "fine-tuned" and resumed and resumed["finished"]:
             model.load_state_dict(resumed["model"])
         elif name == "fine-tuned":
-            tokenizer_file = os.path.join(source if os.path.isdir(source) else os.path.dirname(source), "tokenizer.json")
-            finetune(model, tokenizer, train, s, out_dir, resumed, bf16, source, tokenizer_file, ckpt_every)
-        metrics = evaluate(model, tokenizer, test, s, bf16, name)
-        rows.append({"name": f"{source} {name}", "metrics": metrics, "seconds": time.perf_counter() - start})
-        tqdm.write(f"{rows[-1]['name']}: MRR@10 {metrics['MRR@10']:.3f}, {rows[-1]['seconds']:.0f} s")
-    rows[-1].update(out=out_dir, settings=s)
+            folder = source if os.path.isdir(source) else os.path.dirname(source)
+            finetune(model, tokenizer, train, settings, out_dir, resumed, bf16, source,
+                     os.path.join(folder, "tokenizer.json"), ckpt_every)
+        metrics = evaluate(model, tokenizer, test, settings, bf16, name)
+        rows.append({"name": f"{source} {name}", "metrics": metrics,
+                     "seconds": time.perf_counter() - start})
+        tqdm.write(f"{rows[-1]['name']}: MRR@10 {metrics['MRR@10']:.3f}, "
+                   f"{rows[-1]['seconds']:.0f} s")
+    rows[-1].update(out=out_dir, settings=settings)
     return rows
 
 
 def main(argv=None):
     began = time.perf_counter()
     args = get_args(argv)
+    with one_line_errors("finetune.py"):
+        return run_all(args, began)
+
+
+def run_all(args, began):
+    """Every check first (paths, data, models, checkpoints), so bad input writes nothing; then
+    BM25 and each model before and after fine-tuning, in one table."""
     device = pick_device(args.device or "auto")
-    # Every check first (paths, data, models, checkpoints), so bad input writes nothing.
-    try:
-        sources = [sample.find_model(path) for path in [args.init_from, *args.compare]]
-    except ValueError as e:
-        fail(e)
-    if not os.path.exists(os.path.join(args.data, "meta.json")):
-        fail(f"no prepared data in {args.data}/ (meta.json missing): run `python prepare.py` first")
+    sources = [find_model(path) for path in [args.init_from, *args.compare]]
+    load_meta(args.data)  # "run prepare.py first"
     out_dirs = [args.out] + [os.path.join(args.out, f"compare{k}") for k in range(1, len(sources))]
     runs = [plan_run(args, source, out_dir) for source, out_dir in zip(sources, out_dirs)]
     train, test = load_pairs(args.data, runs[0][0]["min_query_words"])
     models = []
-    for source, (s, _) in zip(sources, runs):
-        try:
-            models.append(sample.load_model(source, device))
-        except ValueError as e:
-            fail(e)
-        if max(s["max_query_tokens"], s["max_doc_tokens"]) > models[-1][0].config.max_seq_len:
-            fail(f"--max_doc_tokens/--max_query_tokens exceed {source}'s context of {models[-1][0].config.max_seq_len}")
-        if s["batch_size"] > len(train):
-            fail(f"--batch_size {s['batch_size']} is more than the {len(train)} training pairs")
+    for source, (settings, _) in zip(sources, runs):
+        models.append(load_model(source, device))
+        context = models[-1][0].config.max_seq_len
+        if max(settings["max_query_tokens"], settings["max_doc_tokens"]) > context:
+            raise ValueError(f"--max_doc_tokens/--max_query_tokens exceed {source}'s context of "
+                             f"{context}")
+        if settings["batch_size"] > len(train):
+            raise ValueError(f"--batch_size {settings['batch_size']} is more than the {len(train)} "
+                             "training pairs")
     bf16 = speed_setup(device, args.dtype, "off")[0]
-    print(f"{len(train)} training pairs, {len(test)} test pairs (each test query ranks all {len(test)} test "
-          f"functions); {device}, {'bf16 autocast' if bf16 else 'fp32'}")
+    print(f"{len(train)} training pairs, {len(test)} test pairs (each test query ranks all "
+          f"{len(test)} test functions); {device}, {'bf16 autocast' if bf16 else 'fp32'}")
 
     start = time.perf_counter()
-    rows = [{"name": "BM25", "metrics": retrieval_metrics(gold_ranks(bm25_scores(
-        [p["query"] for p in test], [p["code"] for p in test]))), "seconds": time.perf_counter() - start}]
-    for source, (s, resumed), out_dir, (model, tokenizer, _) in zip(sources, runs, out_dirs, models):
-        rows += before_and_after(model, tokenizer, source, s, resumed, out_dir, train, test, bf16, args.ckpt_every)
+    bm25 = bm25_scores([p["query"] for p in test], [p["code"] for p in test])
+    rows = [{"name": "BM25", "metrics": retrieval_metrics(gold_ranks(bm25)),
+             "seconds": time.perf_counter() - start}]
+    for source, (settings, resumed), out_dir, (model, tokenizer, _) in zip(sources, runs, out_dirs,
+                                                                     models):
+        rows += before_and_after(model, tokenizer, source, settings, resumed, out_dir, train, test,
+                                 bf16, args.ckpt_every)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"train_pairs": len(train), "test_pairs": len(test), "bf16": bf16, "rows": rows,
-                   "wall_seconds": time.perf_counter() - began}, f, indent=2)
+        json.dump({"train_pairs": len(train), "test_pairs": len(test), "bf16": bf16,
+                   "rows": rows, "wall_seconds": time.perf_counter() - began}, f, indent=2)
     print("\n" + markdown_table(rows))
-    print(f"\nseconds: BM25 indexing and scoring; zero-shot: embedding the test set; fine-tuned: training and "
-          f"embedding. Wall time {time.perf_counter() - began:.0f} s in all -> {args.out}/")
+    print(f"\nseconds: BM25 indexing and scoring; zero-shot: embedding the test set; fine-tuned: "
+          f"training and embedding. Wall time {time.perf_counter() - began:.0f} s in all -> "
+          f"{args.out}/")
     return rows
 
 

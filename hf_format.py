@@ -2,22 +2,24 @@
 Hugging Face's checkpoint format for modernbert.py, both ways: transformers' tensor names and
 config.json fields for ModernBertForMaskedLM and, for a model with every BERT switch on,
 BertForMaskedLM. `ModernBERT.from_pretrained` and `save_pretrained` call these; nothing here is
-part of the model.
+part of the model, and nothing here imports it: configs come in as any object with Config's
+fields and go out as a dict of them.
 """
 import re
 
 import torch
 
-from modernbert import Config, config_for
+# The Config switches (modernbert.py) of each transformers family; a mix of the two has no class.
+FAMILY_PARTS = {"modernbert": dict(positions="rope", mlp="geglu", bias=False, prenorm=True),
+                "bert": dict(positions="learned", mlp="gelu", bias=True, prenorm=False,
+                             global_every=1)}
 
 
 def hf_family(c):
     """The transformers model with this config's parts: "modernbert" or "bert" (a mix has none)."""
-    parts = (c.positions, c.mlp, c.bias, c.prenorm)
-    if parts == ("rope", "geglu", False, True):
-        return "modernbert"
-    if parts == ("learned", "gelu", True, False) and c.global_every == 1:
-        return "bert"
+    for family, parts in FAMILY_PARTS.items():
+        if all(getattr(c, key) == value for key, value in parts.items()):
+            return family
     raise ValueError("transformers has no model that mixes BERT's parts and ModernBERT's like "
                      "this config")
 
@@ -27,7 +29,7 @@ def hf_family(c):
 # transformers' names for ours: (our prefix, theirs) pairs, the first that fits wins; {} is the
 # layer. "qkv" stands for our fused Wqkv, which BERT keeps as three Linear layers: query, key and
 # value.
-L = "bert.encoder.layer.{}."
+BERT_LAYER = "bert.encoder.layer.{}."
 HF_NAMES = {
     "modernbert": [("tok_embeddings.", "model.embeddings.tok_embeddings."),
                    ("layers.", "model.layers."),
@@ -38,12 +40,12 @@ HF_NAMES = {
     "bert": [("tok_embeddings.", "bert.embeddings.word_embeddings."),
              ("pos_embeddings.", "bert.embeddings.position_embeddings."),
              ("embed_norm.", "bert.embeddings.LayerNorm."),
-             ("layers.{}.attn.Wqkv.", L + "attention.self.qkv."),
-             ("layers.{}.attn.Wo.", L + "attention.output.dense."),
-             ("layers.{}.attn_norm.", L + "attention.output.LayerNorm."),
-             ("layers.{}.mlp.Wi.", L + "intermediate.dense."),
-             ("layers.{}.mlp.Wo.", L + "output.dense."),
-             ("layers.{}.mlp_norm.", L + "output.LayerNorm."),
+             ("layers.{}.attn.Wqkv.", BERT_LAYER + "attention.self.qkv."),
+             ("layers.{}.attn.Wo.", BERT_LAYER + "attention.output.dense."),
+             ("layers.{}.attn_norm.", BERT_LAYER + "attention.output.LayerNorm."),
+             ("layers.{}.mlp.Wi.", BERT_LAYER + "intermediate.dense."),
+             ("layers.{}.mlp.Wo.", BERT_LAYER + "output.dense."),
+             ("layers.{}.mlp_norm.", BERT_LAYER + "output.LayerNorm."),
              ("head.dense.", "cls.predictions.transform.dense."),
              ("head.norm.", "cls.predictions.transform.LayerNorm."),
              ("decoder.bias", "cls.predictions.bias")],
@@ -75,8 +77,9 @@ def tensors_from_hf(hf, family):
     """The reverse. From BERT: segment type 0 (every token's) added to each position's row; query,
     key and value fused; the pooler, next-sentence head and the decoder's tied copies left out."""
     unused = ("bert.pooler.", "cls.seq_relationship.", "cls.predictions.decoder.")
-    hf = {n.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): t
-          for n, t in hf.items() if not n.startswith(unused)}  # (gamma, beta: old exports' names)
+    plain = lambda n: (n.replace("LayerNorm.gamma", "LayerNorm.weight")   # old exports' names
+                       .replace("LayerNorm.beta", "LayerNorm.bias"))
+    hf = {plain(n): t for n, t in hf.items() if not n.startswith(unused)}
     segments = hf.pop("bert.embeddings.token_type_embeddings.weight", None)
     if segments is not None:
         positions = "bert.embeddings.position_embeddings.weight"
@@ -84,7 +87,8 @@ def tensors_from_hf(hf, family):
     for name in [n for n in hf if ".self.query." in n]:
         parts = [hf.pop(name.replace("query", p)) for p in ("query", "key", "value")]
         hf[name.replace("query", "qkv")] = torch.cat(parts)
-    return {renamed(name, [(new, old) for old, new in HF_NAMES[family]]): t for name, t in hf.items()}
+    reverse = [(new, old) for old, new in HF_NAMES[family]]
+    return {renamed(name, reverse): t for name, t in hf.items()}
 
 
 def checked(ours, expected):
@@ -109,6 +113,7 @@ def checked(ours, expected):
 # ----------------------------------------------------------------------------- config.json
 
 def config_from_hf(hf):
+    """Config's fields (a dict) for a transformers config.json."""
     bert = hf.get("model_type") == "bert"
     wants = ([("hidden_act", "gelu"), ("position_embedding_type", "absolute"),
               ("is_decoder", False)] if bert else
@@ -120,14 +125,14 @@ def config_from_hf(hf):
             raise ValueError(f"unsupported checkpoint: {key}={hf[key]!r} "
                              f"(this implementation needs {want!r})")
     if bert:
-        return config_for("bert-base", vocab_size=hf["vocab_size"],
-                          n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
-                          n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
-                          max_seq_len=hf.get("max_position_embeddings", 512),
-                          norm_eps=hf.get("layer_norm_eps", 1e-12),
-                          init_std=hf.get("initializer_range", 0.02),
-                          pad_id=hf.get("pad_token_id", 0), cls_id=hf.get("cls_token_id", 101),
-                          sep_id=hf.get("sep_token_id", 102))
+        return dict(**FAMILY_PARTS["bert"], vocab_size=hf["vocab_size"],
+                    n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
+                    n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+                    max_seq_len=hf.get("max_position_embeddings", 512),
+                    norm_eps=hf.get("layer_norm_eps", 1e-12),
+                    init_std=hf.get("initializer_range", 0.02),
+                    pad_id=hf.get("pad_token_id", 0), cls_id=hf.get("cls_token_id", 101),
+                    sep_id=hf.get("sep_token_id", 102))
     n_layers = hf["num_hidden_layers"]
     global_every = hf.get("global_attn_every_n_layers", 3)
     if hf.get("layer_types"):  # newer transformers spell the pattern out per layer
@@ -142,14 +147,14 @@ def config_from_hf(hf):
                                                       hf.get("global_rope_theta", 160_000.0))
     local_theta = rope.get("sliding_attention", {}).get("rope_theta",
                                                         hf.get("local_rope_theta")) or global_theta
-    return Config(vocab_size=hf["vocab_size"], n_layers=n_layers, d_model=hf["hidden_size"],
-                  n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
-                  window=hf.get("local_attention", 128), global_every=global_every,
-                  global_theta=float(global_theta), local_theta=float(local_theta),
-                  max_seq_len=hf.get("max_position_embeddings", 8192),
-                  norm_eps=hf.get("norm_eps", 1e-5), init_std=hf.get("initializer_range", 0.02),
-                  pad_id=hf.get("pad_token_id", 50283), cls_id=hf.get("cls_token_id", 50281),
-                  sep_id=hf.get("sep_token_id", 50282))
+    return dict(**FAMILY_PARTS["modernbert"], vocab_size=hf["vocab_size"], n_layers=n_layers,
+                d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"],
+                d_ff=hf["intermediate_size"], window=hf.get("local_attention", 128),
+                global_every=global_every, global_theta=float(global_theta),
+                local_theta=float(local_theta), max_seq_len=hf.get("max_position_embeddings", 8192),
+                norm_eps=hf.get("norm_eps", 1e-5), init_std=hf.get("initializer_range", 0.02),
+                pad_id=hf.get("pad_token_id", 50283), cls_id=hf.get("cls_token_id", 50281),
+                sep_id=hf.get("sep_token_id", 50282))
 
 
 def config_to_hf(c):

@@ -36,21 +36,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-# The CUDA attention kernels, all optional (see `attend`); a build that does not load counts as absent.
-try:  # the flash-attn package (FlashAttention 2)
-    from flash_attn import flash_attn_varlen_func
-except Exception:
-    flash_attn_varlen_func = None
-try:  # PyTorch's own varlen FlashAttention: torch 2.10+, with the sliding window from 2.11
-    from torch.nn.attention.varlen import varlen_attn
-except Exception:
-    varlen_attn = None
-try:  # FlexAttention: torch 2.5+; fast only when torch.compile turns it into a Triton kernel
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except Exception:
-    BlockMask = flex_attention = None
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+import hf_format
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -86,19 +74,22 @@ class Config:
 
     def __post_init__(self):
         """A shape the model cannot have is refused here, with the reason, not in a reshape."""
-        counts = ["vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "window", "global_every", "max_seq_len"]
+        counts = ["vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "window", "global_every",
+                  "max_seq_len"]
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.positions not in ("rope", "learned") or self.mlp not in ("geglu", "gelu"):
-            raise ValueError(f"positions must be 'rope' or 'learned' and mlp 'geglu' or 'gelu', got {self.positions!r}, "
-                             f"{self.mlp!r}")
+            raise ValueError(f"positions must be 'rope' or 'learned' and mlp 'geglu' or 'gelu', "
+                             f"got {self.positions!r}, {self.mlp!r}")
         if self.head_dim % 2 and self.positions == "rope":
-            raise ValueError(f"head_dim d_model / n_heads = {self.head_dim} must be even: RoPE rotates pairs")
+            raise ValueError(f"head_dim d_model / n_heads = {self.head_dim} must be even: RoPE "
+                             "rotates pairs")
         if self.window % 2:
-            raise ValueError(f"window {self.window} must be even: a token sees window / 2 on each side")
+            raise ValueError(f"window {self.window} must be even: a token sees window / 2 on "
+                             "each side")
         if not 0 <= self.attn_out_dropout < 1:
             raise ValueError(f"attn_out_dropout must be in [0, 1), got {self.attn_out_dropout}")
         if min(self.global_theta, self.local_theta, self.norm_eps, self.init_std) <= 0:
@@ -110,14 +101,17 @@ PRESETS = {
     "large": Config(n_layers=28, d_model=1024, n_heads=16, d_ff=2624),
     # Laptop scale: the same architecture, narrow and shallow enough to train on a CPU.
     "small": Config(n_layers=6, d_model=256, n_heads=4, d_ff=512, max_seq_len=1024),
-    "mini": Config(n_layers=4, d_model=256, n_heads=4, d_ff=512, max_seq_len=1024),  # train.py's default
+    "mini": Config(n_layers=4, d_model=256, n_heads=4, d_ff=512, max_seq_len=1024),  # the laptop's
     "tiny": Config(n_layers=3, d_model=64, n_heads=4, d_ff=96, window=16, max_seq_len=512),
 }
 # BERT (Devlin et al., 2018) in this code: every switch at BERT's, every layer global, eps 1e-12.
-BERT = dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1, norm_eps=1e-12)
+BERT = dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1,
+            norm_eps=1e-12)
 PRESETS["bert-base"] = Config(vocab_size=30522, n_layers=12, d_model=768, n_heads=12, d_ff=3072,
-                              max_seq_len=512, pad_id=0, cls_id=101, sep_id=102, **BERT)  # bert-base-uncased's
-# "mini" as BERT: d_ff 768 gives its GELU MLP the weights and FLOPs of mini's GeGLU (2 x 768 = 3 x 512).
+                              max_seq_len=512, pad_id=0, cls_id=101, sep_id=102,
+                              **BERT)  # bert-base-uncased's shape
+# "mini" as BERT: d_ff 768 gives its GELU MLP the weights and FLOPs of mini's GeGLU
+# (2 x 768 = 3 x 512).
 PRESETS["bert-mini"] = replace(PRESETS["mini"], d_ff=768, **BERT)
 
 
@@ -197,8 +191,9 @@ class Documents:
 
 def rope_tables(positions, head_dim, theta):
     """(cos, sin), each (total_tokens, head_dim): the angle of each token at each frequency."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[:, None] * inv_freq                       # (total_tokens, head_dim/2)
+    pairs = torch.arange(0, head_dim, 2, device=positions.device).float()
+    inv_freq = 1.0 / theta ** (pairs / head_dim)
+    angles = positions.float()[:, None] * inv_freq                     # (total_tokens, head_dim/2)
     angles = torch.cat((angles, angles), dim=-1)                         # (total_tokens, head_dim)
     return angles.cos(), angles.sin()
 
@@ -232,7 +227,7 @@ class Attention(nn.Module):
         # BERT: dropout on the attention probabilities too (ModernBERT: on the output only)
         self.probs_drop = config.attn_out_dropout if config.bert_dropout else 0.0
 
-    def forward(self, x, docs):                                          # x: (total_tokens, d_model)
+    def forward(self, x, docs):                                        # x: (total_tokens, d_model)
         qkv = self.Wqkv(x).view(len(x), 3, self.n_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=1)                                      # (total, heads, head_dim)
         if self.rope:  # BERT: no rotation, its positions were added to the embedding
@@ -245,7 +240,7 @@ class Attention(nn.Module):
 def attend(q, k, v, docs, half_window, dropout_p=0.0):
     """Each token attends to the tokens of its own document, in a local layer only to those at
     distance <= half_window. `attention_reference` says exactly that in a few lines; the kernels
-    below it compute the same thing fast, and the tests hold each one to the reference."""
+    at the end of the file compute the same thing fast, and the tests hold each to the reference."""
     if dropout_p and docs.backend in ("torch-varlen", "flex"):  # kernels without dropout
         raise ValueError(f"BERT's dropout on attention probabilities has no {docs.backend} kernel: "
                          "set model.backend = 'sdpa'")
@@ -274,21 +269,226 @@ def attention_reference(q, k, v, docs, half_window, dropout_p=0.0):
     return out.transpose(0, 1)
 
 
+# ----------------------------------------------------------------------------- the other layers
+
+def layer_norm(config):
+    # BERT: LayerNorm with a bias. ModernBERT: no bias in any norm (or linear layer, below): the
+    # biases bought nothing at scale, and dropping them frees parameters for the matmuls.
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class MLP(nn.Module):
+    # BERT: Linear -> GELU -> Linear. ModernBERT: a gated linear unit (GeGLU), GELU(x W_in) *
+    # (x W_gate), which trains to a lower loss for the same compute. Both halves come from one Wi.
+    def __init__(self, config):
+        super().__init__()
+        self.gated = config.mlp == "geglu"
+        width = (2 if self.gated else 1) * config.d_ff
+        self.Wi = nn.Linear(config.d_model, width, bias=config.bias)
+        self.Wo = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        # BERT: dropout on the MLP's output too; ModernBERT pretraining dropped nothing here.
+        self.out_drop = (nn.Dropout(config.attn_out_dropout) if config.bert_dropout
+                         else nn.Identity())
+
+    def forward(self, x):
+        if not self.gated:  # BERT
+            return self.out_drop(self.Wo(F.gelu(self.Wi(x))))
+        input, gate = self.Wi(x).chunk(2, dim=-1)                        # (total, d_ff) each
+        return self.out_drop(self.Wo(F.gelu(input) * gate))
+
+
+class Block(nn.Module):
+    # BERT: post-norm, x = norm(x + f(x)). ModernBERT: pre-norm, x = x + f(norm(x)), which keeps
+    # a clean residual path and trains stably without careful warmup. Layer 0 skips attn_norm:
+    # the embedding output was normalised just before it.
+    def __init__(self, config, index):
+        super().__init__()
+        self.is_global = index % config.global_every == 0
+        self.prenorm = config.prenorm
+        self.attn_norm = nn.Identity() if index == 0 and self.prenorm else layer_norm(config)
+        self.attn = Attention(config, self.is_global)
+        self.mlp_norm = layer_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, docs):
+        if not self.prenorm:  # BERT: the same two norms, after each residual sum
+            x = self.attn_norm(x + self.attn(x, docs))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), docs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.norm = layer_norm(config)
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.dense(x)))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class ModernBERT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # BERT: token + learned position + segment embeddings, then a LayerNorm. ModernBERT: tokens
+        # only (RoPE carries position, and there is no next-sentence task), then the LayerNorm.
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":  # BERT (segments: every token has type 0, in this table)
+            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
+        self.embed_norm = layer_norm(config)
+        self.embed_drop = (nn.Dropout(config.attn_out_dropout) if config.bert_dropout
+                           else nn.Identity())
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # Pre-norm blocks leave the last output unnormalised; BERT's post-norm ones end on a norm.
+        self.final_norm = layer_norm(config) if config.prenorm else nn.Identity()
+        self.head = MLMHead(config)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=True)
+        self.decoder.weight = self.tok_embeddings.weight  # tied: the output reuses the input table
+        self.backend = "auto"  # or force one of BACKENDS; see attention_backend
+        self.reset_parameters()
+
+    BACKENDS = ("flash-attn", "torch-varlen", "flex", "sdpa", "reference")
+
+    @property
+    def attention_backend(self):
+        """The kernel `attend` runs. On CUDA the fastest at hand (`cuda_backend`); on CPU and MPS
+        "sdpa". "reference" (the dense definition, O(n^2)) runs only when asked for."""
+        lacking = {"flash-attn": flash_attn_varlen_func is None, "flex": flex_attention is None,
+                   "torch-varlen": not has_window(varlen_attn)}
+        if self.backend not in ("auto", *self.BACKENDS) or lacking.get(self.backend):
+            raise ValueError(f"attention backend {self.backend!r} is unknown or not installed "
+                             "here; "
+                             f"the choices: {', '.join(self.BACKENDS)}")
+        if self.backend != "auto":
+            return self.backend
+        device = self.tok_embeddings.weight.device
+        return cuda_backend(device) if device.type == "cuda" else "sdpa"
+
+    def reset_parameters(self):
+        # "Megatron" init: truncated normal (cut at 2 std) with std 0.02, and the two projections
+        # that write into the residual stream (attention Wo, MLP Wo) scaled by 1/sqrt(2 n_layers)
+        # so the residual's variance does not grow with depth. The head's dense layer keeps 0.02,
+        # as in the official pretraining code (transformers' port scales it like Wo). Norm weights
+        # start at one, every bias at zero.
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            else:
+                s = out_std if name.endswith("Wo.weight") else std
+                nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s)
+
+    def encode_stream(self, tokens, cu_seqlens):
+        """(total_tokens,) ids of documents back to back, and where each starts -> (total_tokens,
+        d_model) final hidden states. The whole encoder; encode and forward only change layouts."""
+        docs = Documents(cu_seqlens, self.config, self.attention_backend)
+        x = self.tok_embeddings(tokens)                                  # (total_tokens, d_model)
+        if self.config.positions == "learned":  # BERT: each token's position in its document
+            x = x + self.pos_embeddings(docs.positions)
+        x = self.embed_drop(self.embed_norm(x))  # BERT: dropout here too
+        for block in self.layers:
+            x = block(x, docs)
+        return self.final_norm(x)
+
+    def encode(self, input_ids, attention_mask=None, cu_seqlens=None):
+        """Final hidden states in the caller's layout: for embeddings and fine-tuning."""
+        tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
+        return repad(self.encode_stream(tokens, cu_seqlens), indices, input_ids.shape)
+
+    def forward(self, input_ids, attention_mask=None, cu_seqlens=None, labels=None,
+                reduction="mean"):
+        """Padded (B, T) ids + mask, or a packed 1-D stream + cu_seqlens. Returns (logits, loss).
+        Without labels: logits for every token, in the caller's layout, and loss None.
+        With labels (-100 = not predicted): logits only for the labelled tokens, in stream order,
+        and their cross-entropy ("mean", or "sum" for a trainer that divides by a global count)."""
+        tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
+        x = self.encode_stream(tokens, cu_seqlens)
+        if labels is None:
+            return repad(self.decoder(self.head(x)), indices, input_ids.shape), None
+        # ModernBERT: sparse prediction. Only the ~30% masked tokens have a loss, so the head and
+        # the vocabulary-sized decoder run on those rows alone (about 25% faster training).
+        labels = labels.flatten() if indices is None else labels.flatten()[indices]
+        picked = labels != -100
+        logits = self.decoder(self.head(x[picked]))                      # (n_picked, vocab)
+        return logits, F.cross_entropy(logits.float(), labels[picked], reduction=reduction)
+
+    def flops_per_token(self, seq_len, predicted_fraction=1.0, training=True):
+        """Matmul FLOPs per token, for MFU. A local layer attends to at most window + 1 keys."""
+        c = self.config
+        mlp = (3 if c.mlp == "geglu" else 2) * c.d_model * c.d_ff       # Wi (+ gate) and Wo
+        matmuls = 2 * c.n_layers * (4 * c.d_model ** 2 + mlp)
+        n_global = sum(block.is_global for block in self.layers)
+        keys = n_global * seq_len + (c.n_layers - n_global) * min(seq_len, c.window + 1)
+        attention = 4 * c.d_model * keys                                 # q.k and p.v, per key
+        head = 2 * (c.d_model ** 2 + c.d_model * c.vocab_size) * predicted_fraction
+        return (3 if training else 1) * (matmuls + attention + head)
+
+    # ------------------------------------------------------------------------- Hugging Face format
+    # transformers' tensor names and config.json fields, ModernBERT's and BERT's: hf_format.py.
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Loads a Hugging Face ModernBERT or BERT directory (config.json + model.safetensors)."""
+        with open(os.path.join(path, "config.json")) as f:
+            model = cls(Config(**hf_format.config_from_hf(json.load(f))))
+        hf_tensors = load_file(os.path.join(path, "model.safetensors"))
+        ours = hf_format.tensors_from_hf(hf_tensors, hf_format.hf_family(model.config))
+        model.load_state_dict(hf_format.checked(ours, model.state_dict()), strict=False)
+        return model
+
+    def save_pretrained(self, path):
+        """Writes a directory that transformers' ModernBertForMaskedLM loads, or its BertForMaskedLM
+        for a model with every switch at BERT's."""
+        state = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items()
+                 if n != "decoder.weight"}
+        tensors = hf_format.tensors_to_hf(state, hf_format.hf_family(self.config))
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_format.config_to_hf(self.config), f, indent=2)
+
+
+# ----------------------------------------------------------------------------- the fast kernels
+# Everything above says *what* the model computes; this section is *how* attention runs fast on
+# each device. `attention_reference` is the definition, and the tests hold every kernel here to
+# it (and to transformers).
 # BERT: dense attention over the padded rectangle, with a mask to hide the padding. ModernBERT:
 # FlashAttention's variable-length kernel on the unpadded stream, where cu_seqlens keeps every
 # document to itself and the sliding window costs nothing extra. CUDA runs the fastest kernel at
 # hand (`cuda_backend`); CPU and MPS run the SDPA path, still unpadded and O(n * window) in local
-# layers. Each kernel maps q, k, v of shape (total_tokens, n_heads, head_dim) to an output of that shape.
+# layers. Each kernel maps q, k, v of shape (total_tokens, n_heads, head_dim) to an output of that
+# shape.
+
+# The CUDA attention kernels, all optional (see `attend`); a build that does not load is absent.
+try:  # the flash-attn package (FlashAttention 2)
+    from flash_attn import flash_attn_varlen_func
+except Exception:
+    flash_attn_varlen_func = None
+try:  # PyTorch's own varlen FlashAttention: torch 2.10+, with the sliding window from 2.11
+    from torch.nn.attention.varlen import varlen_attn
+except Exception:
+    varlen_attn = None
+try:  # FlexAttention: torch 2.5+; fast only when torch.compile turns it into a Triton kernel
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except Exception:
+    BlockMask = flex_attention = None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def flash_attention(kernel, q, k, v, docs, half_window, dropout_p=0.0):
     """Either varlen FlashAttention (flash-attn's flash_attn_varlen_func or torch's varlen_attn,
     same arguments): it reads cu_seqlens (int32) and the longest length (a Python int) directly,
     no padding, no mask tensor. Key j is visible from query i iff i - left <= j <= i + right."""
-    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # fp16/bf16 only
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # 16-bit only
     window = (-1, -1) if half_window is None else (half_window, half_window)  # -1: no limit
     cu, longest = docs.cu_seqlens, docs.max_seqlen
     dropout = {"dropout_p": dropout_p} if dropout_p else {}  # flash-attn's only: torch's has none
-    out = kernel(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, window_size=window, **dropout)
+    out = kernel(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest,
+                 window_size=window, **dropout)
     return out.to(q.dtype)
 
 
@@ -298,7 +498,8 @@ FLEX_TILE = 128  # FlexAttention works in 128 x 128 tiles of (query, key): skipp
 def flex_block_mask(doc, half_window):
     """FlexAttention's BlockMask for sorted document ids `doc` (padded to whole tiles), made from
     each tile's first and last id, never an (n, n) tensor. Tile pairs that share no document or
-    lie beyond the window are skipped; "full" ones (one document, all in the window) skip mask_mod."""
+    lie beyond the window are skipped; "full" ones (one document, all in the window) skip
+    mask_mod."""
     first, last = doc.view(-1, FLEX_TILE)[:, 0], doc.view(-1, FLEX_TILE)[:, -1]   # (n_tiles,)
     some_same = (first[:, None] <= last[None, :]) & (last[:, None] >= first[None, :])
     all_same = (first[:, None] == last[None, :]) & (last[:, None] == first[None, :])  # ids sorted
@@ -312,17 +513,19 @@ def flex_block_mask(doc, half_window):
         all_near = gap + (FLEX_TILE - 1) <= half_window               # the farthest pair
     full = all_same & all_near
     partial = some_same & some_near & ~full
-    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=FLEX_TILE,
+    return BlockMask.from_kv_blocks(*kv_tile_lists(partial), *kv_tile_lists(full),
+                                    BLOCK_SIZE=FLEX_TILE,
                                     mask_mod=mask_mod)
 
 
-def listed(tiles):  # (n_tiles, n_tiles) bool -> per query tile, the count and indices of its key tiles
+def kv_tile_lists(tiles):
+    """(n_tiles, n_tiles) bool -> per query tile, the count and the indices of its key tiles."""
     order = tiles.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
     return tiles.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
 
 
 @functools.cache
-def compiled_flex_attention():  # a fused Triton kernel; uncompiled, flex_attention makes every score
+def compiled_flex_attention():  # a fused Triton kernel; uncompiled, flex makes every score
     return torch.compile(flex_attention)
 
 
@@ -331,7 +534,7 @@ def flex(q, k, v, block_mask):
     n, pad = len(q), block_mask.shape[-2] - len(q)  # the mask's length: n_tiles * FLEX_TILE
     q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for t in (q, k, v))
     attention = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: tests only
-    out = attention(q, k, v, block_mask=block_mask)                  # (1, heads, n_padded, head_dim)
+    out = attention(q, k, v, block_mask=block_mask)                # (1, heads, n_padded, head_dim)
     return out[0].transpose(0, 1)[:n]
 
 
@@ -409,188 +612,7 @@ def sdpa_local(q, k, v, block_mask, half_window, dropout_p=0.0):
     def neighbourhood(t):  # (n, heads, hd) -> (n_blocks, heads, 3w, hd), overlapping windows
         return F.pad(t, (0, 0, 0, 0, w, pad + w)).unfold(0, 3 * w, w).permute(0, 1, 3, 2)
 
-    out = F.scaled_dot_product_attention(qb, neighbourhood(k), neighbourhood(v), attn_mask=block_mask,
+    out = F.scaled_dot_product_attention(qb, neighbourhood(k), neighbourhood(v),
+                                         attn_mask=block_mask,
                                          dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(n_blocks * w, heads, hd)[:n]
-
-
-# ----------------------------------------------------------------------------- the other layers
-
-def layer_norm(config):
-    # BERT: LayerNorm with a bias. ModernBERT: no bias in any norm (or linear layer, below): the
-    # biases bought nothing at scale, and dropping them frees parameters for the matmuls.
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
-
-
-class MLP(nn.Module):
-    # BERT: Linear -> GELU -> Linear. ModernBERT: a gated linear unit (GeGLU), GELU(x W_in) *
-    # (x W_gate), which trains to a lower loss for the same compute. Both halves come from one Wi.
-    def __init__(self, config):
-        super().__init__()
-        self.gated = config.mlp == "geglu"
-        self.Wi = nn.Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=config.bias)
-        self.Wo = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
-        # BERT: dropout on the MLP's output too; ModernBERT pretraining dropped nothing here.
-        self.out_drop = nn.Dropout(config.attn_out_dropout) if config.bert_dropout else nn.Identity()
-
-    def forward(self, x):
-        if not self.gated:  # BERT
-            return self.out_drop(self.Wo(F.gelu(self.Wi(x))))
-        input, gate = self.Wi(x).chunk(2, dim=-1)                        # (total, d_ff) each
-        return self.out_drop(self.Wo(F.gelu(input) * gate))
-
-
-class Block(nn.Module):
-    # BERT: post-norm, x = norm(x + f(x)). ModernBERT: pre-norm, x = x + f(norm(x)), which keeps
-    # a clean residual path and trains stably without careful warmup. Layer 0 skips attn_norm:
-    # the embedding output was normalised just before it.
-    def __init__(self, config, index):
-        super().__init__()
-        self.is_global = index % config.global_every == 0
-        self.prenorm = config.prenorm
-        self.attn_norm = nn.Identity() if index == 0 and self.prenorm else layer_norm(config)
-        self.attn = Attention(config, self.is_global)
-        self.mlp_norm = layer_norm(config)
-        self.mlp = MLP(config)
-
-    def forward(self, x, docs):
-        if not self.prenorm:  # BERT: the same two norms, after each residual sum
-            x = self.attn_norm(x + self.attn(x, docs))
-            return self.mlp_norm(x + self.mlp(x))
-        x = x + self.attn(self.attn_norm(x), docs)
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class MLMHead(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.norm = layer_norm(config)
-
-    def forward(self, x):
-        return self.norm(F.gelu(self.dense(x)))
-
-
-# ----------------------------------------------------------------------------- the model
-
-class ModernBERT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        # BERT: token + learned position + segment embeddings, then a LayerNorm. ModernBERT: tokens
-        # only (RoPE carries position, and there is no next-sentence task), then the LayerNorm.
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        if config.positions == "learned":  # BERT (segments: every token has type 0, in this table)
-            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
-        self.embed_norm = layer_norm(config)
-        self.embed_drop = nn.Dropout(config.attn_out_dropout) if config.bert_dropout else nn.Identity()
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        # Pre-norm blocks leave the last output unnormalised; BERT's post-norm ones end on a norm.
-        self.final_norm = layer_norm(config) if config.prenorm else nn.Identity()
-        self.head = MLMHead(config)
-        self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=True)
-        self.decoder.weight = self.tok_embeddings.weight  # tied: the output reuses the input table
-        self.backend = "auto"  # or force one of BACKENDS; see attention_backend
-        self.reset_parameters()
-
-    BACKENDS = ("flash-attn", "torch-varlen", "flex", "sdpa", "reference")
-
-    @property
-    def attention_backend(self):
-        """The kernel `attend` runs. On CUDA the fastest at hand (`cuda_backend`); on CPU and MPS
-        "sdpa". "reference" (the dense definition, O(n^2)) runs only when asked for."""
-        lacking = {"flash-attn": flash_attn_varlen_func is None, "flex": flex_attention is None,
-                   "torch-varlen": not has_window(varlen_attn)}
-        if self.backend not in ("auto", *self.BACKENDS) or lacking.get(self.backend):
-            raise ValueError(f"attention backend {self.backend!r} is unknown or not installed here; "
-                             f"the choices: {', '.join(self.BACKENDS)}")
-        if self.backend != "auto":
-            return self.backend
-        device = self.tok_embeddings.weight.device
-        return cuda_backend(device) if device.type == "cuda" else "sdpa"
-
-    def reset_parameters(self):
-        # "Megatron" init: truncated normal (cut at 2 std) with std 0.02, and the two projections
-        # that write into the residual stream (attention Wo, MLP Wo) scaled by 1/sqrt(2 n_layers)
-        # so the residual's variance does not grow with depth. The head's dense layer keeps 0.02,
-        # as in the official pretraining code (transformers' port scales it like Wo). Norm weights
-        # start at one, every bias at zero.
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            else:
-                s = out_std if name.endswith("Wo.weight") else std
-                nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s)
-
-    def encode_stream(self, tokens, cu_seqlens):
-        """(total_tokens,) ids of documents back to back, and where each starts -> (total_tokens,
-        d_model) final hidden states. The whole encoder; encode and forward only change layouts."""
-        docs = Documents(cu_seqlens, self.config, self.attention_backend)
-        x = self.tok_embeddings(tokens)                                  # (total_tokens, d_model)
-        if self.config.positions == "learned":  # BERT: each token's position in its document
-            x = x + self.pos_embeddings(docs.positions)
-        x = self.embed_drop(self.embed_norm(x))  # BERT: dropout here too
-        for block in self.layers:
-            x = block(x, docs)
-        return self.final_norm(x)
-
-    def encode(self, input_ids, attention_mask=None, cu_seqlens=None):
-        """Final hidden states in the caller's layout: for embeddings and fine-tuning."""
-        tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
-        return repad(self.encode_stream(tokens, cu_seqlens), indices, input_ids.shape)
-
-    def forward(self, input_ids, attention_mask=None, cu_seqlens=None, labels=None, reduction="mean"):
-        """Padded (B, T) ids + mask, or a packed 1-D stream + cu_seqlens. Returns (logits, loss).
-        Without labels: logits for every token, in the caller's layout, and loss None.
-        With labels (-100 = not predicted): logits only for the labelled tokens, in stream order,
-        and their cross-entropy ("mean", or "sum" for a trainer that divides by a global count)."""
-        tokens, cu_seqlens, indices = unpad(input_ids, attention_mask, cu_seqlens)
-        x = self.encode_stream(tokens, cu_seqlens)
-        if labels is None:
-            return repad(self.decoder(self.head(x)), indices, input_ids.shape), None
-        # ModernBERT: sparse prediction. Only the ~30% masked tokens have a loss, so the head and
-        # the vocabulary-sized decoder run on those rows alone (about 25% faster training).
-        labels = labels.flatten() if indices is None else labels.flatten()[indices]
-        picked = labels != -100
-        logits = self.decoder(self.head(x[picked]))                      # (n_picked, vocab)
-        return logits, F.cross_entropy(logits.float(), labels[picked], reduction=reduction)
-
-    def flops_per_token(self, seq_len, predicted_fraction=1.0, training=True):
-        """Matmul FLOPs per token, for MFU. A local layer attends to at most window + 1 keys."""
-        c = self.config
-        mlp = (3 if c.mlp == "geglu" else 2) * c.d_model * c.d_ff       # Wi (+ gate) and Wo
-        matmuls = 2 * c.n_layers * (4 * c.d_model ** 2 + mlp)
-        n_global = sum(block.is_global for block in self.layers)
-        keys = n_global * seq_len + (c.n_layers - n_global) * min(seq_len, c.window + 1)
-        attention = 4 * c.d_model * keys                                 # q.k and p.v, per key
-        head = 2 * (c.d_model ** 2 + c.d_model * c.vocab_size) * predicted_fraction
-        return (3 if training else 1) * (matmuls + attention + head)
-
-    # ------------------------------------------------------------------------- Hugging Face format
-    # transformers' tensor names and config.json fields, ModernBERT's and BERT's: hf_format.py.
-
-    @classmethod
-    def from_pretrained(cls, path):
-        """Loads a Hugging Face ModernBERT or BERT directory (config.json + model.safetensors)."""
-        import hf_format  # (it imports this file)
-        from safetensors.torch import load_file
-        with open(os.path.join(path, "config.json")) as f:
-            model = cls(hf_format.config_from_hf(json.load(f)))
-        hf_tensors = load_file(os.path.join(path, "model.safetensors"))
-        ours = hf_format.tensors_from_hf(hf_tensors, hf_format.hf_family(model.config))
-        model.load_state_dict(hf_format.checked(ours, model.state_dict()), strict=False)
-        return model
-
-    def save_pretrained(self, path):
-        """Writes a directory that transformers' ModernBertForMaskedLM loads, or its BertForMaskedLM
-        for a model with every switch at BERT's."""
-        import hf_format
-        from safetensors.torch import save_file
-        state = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items() if n != "decoder.weight"}
-        tensors = hf_format.tensors_to_hf(state, hf_format.hf_family(self.config))
-        os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf_format.config_to_hf(self.config), f, indent=2)

@@ -30,7 +30,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 SPECIAL_TOKENS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]
 DEFAULT_OUT = "data/stdlib"
-VAL_FRACTION, VAL_CHARS = 0.05, 1_200_000  # the split's defaults, also for meta.json files that predate them
+VAL_FRACTION, VAL_CHARS = 0.05, 1_200_000  # the split's defaults
 
 
 def fail(message):
@@ -46,7 +46,8 @@ def stdlib_files():
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py")
              if p.is_file() and not {"site-packages", "dist-packages"} & set(p.parts)]
-    return sorted(files), f"python {sys.version.split()[0]} stdlib: {root}/**/*.py (site-packages excluded)"
+    return sorted(files), (f"python {sys.version.split()[0]} stdlib: {root}/**/*.py "
+                           "(site-packages excluded)")
 
 
 def input_files(inputs):
@@ -148,15 +149,16 @@ def check_tokenizer(tok):
     return ids
 
 
-def load_tokenizer(path):
+def tokenizer_to_reuse(path):
+    """--tokenizer FILE: a tokenizer.json with the special tokens the model needs."""
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for a missing or broken file
-        fail(f"cannot load tokenizer {str(path)!r}: {e}")
+        raise ValueError(f"cannot load tokenizer {str(path)!r}: {e}")
     try:
         check_tokenizer(tok)
     except ValueError as e:
-        fail(f"{path}: {e}")
+        raise ValueError(f"{path}: {e}") from None
     return tok
 
 
@@ -170,7 +172,8 @@ def encode_documents(tok, docs, dtype, desc, batch_size=256):
     arrays = []
     with tqdm(total=len(docs), desc=desc, unit="doc") as bar:
         for i in range(0, len(docs), batch_size):  # encode_batch runs on all cores
-            arrays += [np.array(e.ids, dtype=dtype) for e in tok.encode_batch(docs[i:i + batch_size])]
+            arrays += [np.array(e.ids, dtype=dtype)
+                       for e in tok.encode_batch(docs[i:i + batch_size])]
             bar.update(len(docs[i:i + batch_size]))
     tok.encode_special_tokens = False
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
@@ -196,7 +199,8 @@ def write_outputs(out_dir, outputs):
     tmp = {name: out_dir / f"{name}.tmp" for name in outputs}
     data = {name: as_bytes(name, value) for name, value in outputs.items()}
     try:
-        with tqdm(total=sum(map(len, data.values())), desc="writing", unit="B", unit_scale=True) as bar:
+        with tqdm(total=sum(map(len, data.values())), desc="writing", unit="B",
+                  unit_scale=True) as bar:
             for name, content in data.items():
                 with open(tmp[name], "wb") as f:
                     for i in range(0, len(content), 1 << 24):  # 16 MB at a time, for the bar
@@ -214,9 +218,12 @@ def write_outputs(out_dir, outputs):
 # ----------------------------------------------------------------------------- reading back
 
 def load_meta(data_dir):
+    """meta.json of a prepared directory; ValueError saying how to make one if there is none."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `python prepare.py` first")
+        out = "" if Path(data_dir) == Path(DEFAULT_OUT) else f" --out {data_dir}"
+        raise ValueError(f"no prepared data in {data_dir}/ (meta.json missing): run "
+                         f"`python prepare.py{out}` first")
     return json.loads(path.read_text())
 
 
@@ -226,71 +233,84 @@ def load_split(data_dir, split):
     tokens = np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
     offsets = np.load(Path(data_dir) / f"{split}_offsets.npy")
     if offsets[-1] != len(tokens):
-        raise ValueError(f"{data_dir}: {split}.bin has {len(tokens)} tokens, offsets say {offsets[-1]}")
+        raise ValueError(f"{data_dir}: {split}.bin has {len(tokens)} tokens, offsets say "
+                         f"{offsets[-1]}")
     return tokens, offsets
 
 
 def split_files(data_dir):
     """(train files, val files) of a prepared directory, each in file order: the corpus is listed
-    and read again as prepare.py did, val is meta.json's val_files (or, for a directory prepared
-    before those were recorded, the seeded split redone), and the result must match meta.json's
-    document and character counts. ValueError, one line, when it cannot be reproduced."""
+    and read again as prepare.py did, val is meta.json's val_files, and the result must match
+    meta.json's document and character counts. ValueError, one line, when it cannot be
+    reproduced (a directory prepared by an older prepare.py: run it again)."""
     meta = load_meta(data_dir)
-    source = meta.get("source", "")
+    source = meta["source"]
+    if "val_files" not in meta:
+        raise ValueError(f"{data_dir} was prepared by an older prepare.py (no val_files in its "
+                         "meta.json): run prepare.py again")
     try:
-        if meta.get("inputs"):
+        if meta["inputs"]:
             files = input_files(meta["inputs"])
-        elif " stdlib: " in source:
+        else:
             files, now = stdlib_files()
             if now != source:
                 raise ValueError(f"{data_dir} was prepared from {source}, this Python's is {now}")
-        else:  # a directory prepared before "inputs" was recorded: the --input arguments, space-joined
-            files = input_files(source.split(" "))
     except FileNotFoundError as e:
         raise ValueError(f"cannot list the corpus of {data_dir} again: {e}")
     docs, paths, _ = read_documents(files)
-    if "val_files" in meta:
-        val_paths = {os.path.join(meta["root"], f) for f in meta["val_files"]}
-        val = {i for i, p in enumerate(paths) if os.path.abspath(p) in val_paths}
-    else:
-        val = val_indices([len(d) for d in docs], meta.get("val_fraction", VAL_FRACTION),
-                          meta.get("val_chars", VAL_CHARS), meta["seed"])
+    val_paths = {os.path.join(meta["root"], f) for f in meta["val_files"]}
+    val = {i for i, p in enumerate(paths) if os.path.abspath(p) in val_paths}
     for split, members in (("train", set(range(len(docs))) - val), ("val", val)):
         found = {"docs": len(members), "chars": sum(len(docs[i]) for i in members)}
         want = {k: meta["splits"][split][k] for k in found}
         if found != want:
-            raise ValueError(f"cannot reproduce the {split} split of {data_dir}: the corpus ({source}) now gives "
-                             f"{found}, meta.json says {want}; run prepare.py again")
-    return [p for i, p in enumerate(paths) if i not in val], [p for i, p in enumerate(paths) if i in val]
+            raise ValueError(f"cannot reproduce the {split} split of {data_dir}: the corpus "
+                             f"({source}) now gives {found}, meta.json says {want}; "
+                             f"run prepare.py again")
+    return ([p for i, p in enumerate(paths) if i not in val],
+            [p for i, p in enumerate(paths) if i in val])
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="prepare.py", description="Turn a text/code corpus into token files for train.py. "
-                                     "Default corpus: the *.py sources of this Python's standard library.")
+    parser = argparse.ArgumentParser(prog="prepare.py", description="Turn a text/code corpus "
+                                     "into token files for train.py. Default corpus: the *.py "
+                                     "sources of this Python's standard library.")
     parser.add_argument("--input", nargs="+", metavar="PATH",
-                        help="files, directories (recursed, hidden entries skipped) or globs; one document per file")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    parser.add_argument("--tokenizer", metavar="FILE", help="reuse this tokenizer.json instead of training one")
+                        help="files, directories (recursed, hidden entries skipped) or globs; "
+                        "one document per file")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="output directory (default: %(default)s)")
+    parser.add_argument("--tokenizer", metavar="FILE",
+                        help="reuse this tokenizer.json instead of training one")
     parser.add_argument("--vocab_size", type=int, default=8192,
-                        help="vocabulary of the trained tokenizer, a multiple of 64 (default: %(default)s)")
+                        help="vocabulary of the trained tokenizer, a multiple of 64 "
+                        "(default: %(default)s)")
     parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
-                        help="share of the corpus (in characters) held out for val (default: %(default)s)")
+                        help="share of the corpus (in characters) held out for val "
+                        "(default: %(default)s)")
     parser.add_argument("--val_chars", type=int, default=VAL_CHARS,
-                        help="but never more than this many characters, ~300k tokens of code (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default: %(default)s)")
+                        help="but never more than this many characters, ~300k tokens of code "
+                        "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="seed of the train/val split (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.vocab_size % 64 or args.vocab_size < 320:
-        parser.error(f"--vocab_size must be a multiple of 64 and at least 320, got {args.vocab_size}")
+        parser.error(f"--vocab_size must be a multiple of 64 and at least 320, "
+                     f"got {args.vocab_size}")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.val_chars < 1:
         parser.error(f"--val_chars must be at least 1, got {args.val_chars}")
 
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # fail fast, before reading
     try:
-        files, source = (input_files(args.input), " ".join(args.input)) if args.input else stdlib_files()
+        tok = tokenizer_to_reuse(args.tokenizer) if args.tokenizer else None  # before reading
+    except ValueError as e:
+        fail(e)
+    try:
+        files, source = ((input_files(args.input), " ".join(args.input)) if args.input
+                         else stdlib_files())
     except FileNotFoundError as e:
         fail(f"{e}")
     looked_at = f"{len(files)} files from {source}"
@@ -318,7 +338,8 @@ def main(argv=None):
             **special_ids, "splits": {}, "files": len(files),
             "skipped_files": sum(skipped.values()), "skipped": skipped, "source": source,
             "tokenizer": args.tokenizer or "trained", "seed": args.seed, "inputs": args.input,
-            "val_fraction": args.val_fraction, "val_chars": args.val_chars, "root": root, "val_files": val_files}
+            "val_fraction": args.val_fraction, "val_chars": args.val_chars, "root": root,
+            "val_files": val_files}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         tokens, offsets = encode_documents(tok, split_docs, dtype, desc=f"tokenizing {split}")
         outputs[f"{split}.bin"], outputs[f"{split}_offsets.npy"] = tokens, offsets
@@ -327,8 +348,9 @@ def main(argv=None):
     outputs["meta.json"] = json.dumps(meta, indent=2) + "\n"
     write_outputs(Path(args.out), outputs)
     print(f"{looked_at}: {len(docs)} documents, {meta['skipped_files']} skipped; "
-          f"train {meta['splits']['train']['tokens']:,} tokens, val {meta['splits']['val']['tokens']:,} "
-          f"tokens, vocab {tokenizer_vocab_size} -> {args.out}/")
+          f"train {meta['splits']['train']['tokens']:,} tokens, "
+          f"val {meta['splits']['val']['tokens']:,} tokens, "
+          f"vocab {tokenizer_vocab_size} -> {args.out}/")
     return meta
 
 

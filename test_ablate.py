@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ablate
 import train
-from test_train import HERE, log_of, write_data
+
+HERE = Path(__file__).resolve().parent
 
 
 def run_of(argv):
@@ -19,10 +21,10 @@ def run_of(argv):
     args = train.get_args(argv)
     settings = train.phase_settings(args, train.PhaseStart(), 1)
     meta = dict(vocab_size=8192, pad_id=2, cls_id=0, sep_id=1)
-    return settings, asdict(train.model_config(args, meta, train.PhaseStart()))
+    return vars(settings), asdict(train.model_config(args, meta, train.PhaseStart()))
 
 
-def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path):
+def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path, write_data):
     """At the default budget (3.2M tokens) the top rung is exactly `python train.py --phase 1`;
     the bottom is BERT's parts and recipe; each rung between changes one thing (a change may be
     several flags: the optimizer comes with its clipping and weight decay)."""
@@ -35,10 +37,11 @@ def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_pa
     default = run_of([])
     assert rung_run("modernbert") == default
     bert_settings, bert_config = rung_run("bert")
-    assert {k: bert_config[k] for k in ("positions", "mlp", "bias", "prenorm", "global_every", "d_ff")} == \
+    assert {k: bert_config[k]
+            for k in ("positions", "mlp", "bias", "prenorm", "global_every", "d_ff")} == \
         dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1, d_ff=768)
-    assert {k: bert_settings[k] for k in ("mask_rate", "optimizer", "grad_clip", "weight_decay", "schedule",
-                                         "batch_warmup_tokens", "dropout_mode")} == \
+    assert {k: bert_settings[k] for k in ("mask_rate", "optimizer", "grad_clip", "weight_decay",
+                                          "schedule", "batch_warmup_tokens", "dropout_mode")} == \
         dict(mask_rate=0.15, optimizer="adamw", grad_clip=1.0, weight_decay=0.01, schedule="linear",
              batch_warmup_tokens=0, dropout_mode="bert")
     runs = [rung_run(rung) for rung in ablate.LADDER]
@@ -55,26 +58,28 @@ def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_pa
     assert loo_settings == dict(default[0], schedule="linear")
 
 
-@pytest.mark.parametrize("flags, message", [(["--rungs", "bert,gpt"], "unknown rung 'gpt'"),
-                                             (["--tokens", "0"], "--tokens must be at least 1"),
-                                             (["--data", "nowhere"], "no prepared data in nowhere/")])
-def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--rungs", "bert,gpt"], "unknown rung 'gpt'"),
+    (["--tokens", "0"], "--tokens must be at least 1"),
+    (["--data", "nowhere"], "no prepared data in nowhere/")])
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys, write_data):
     data = write_data(tmp_path / "data", [40] * 10)
     with pytest.raises(SystemExit) as e:
         ablate.main(["--data", str(data), "--out", str(tmp_path / "out"), *flags])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"ablate.py: error: {message}")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"ablate.py: error: {message}")
     assert not (tmp_path / "out").exists()
 
 
-def test_a_two_rung_ladder_end_to_end(tmp_path):
+def test_a_two_rung_ladder_end_to_end(tmp_path, write_data, log_of):
     """Two rungs, two seeds each, on a tiny model and budget, two at a time: the table, the JSON
     and the plot; the table's numbers are the logs' last evals; a second call reuses them all."""
     data = write_data(tmp_path / "data", np.random.default_rng(1).integers(5, 90, 200).tolist())
     out = tmp_path / "ablate"
     cmd = [sys.executable, str(HERE / "ablate.py"), "--data", str(data), "--out", str(out),
-           "--rungs", "bert,modernbert", "--tokens", "1500", "--seeds", "2", "--dtype", "fp32", "--",
-           "--model", "tiny", "--seq_len", "32", "--batch_size", "4", "--micro_batch", "2",
+           "--rungs", "bert,modernbert", "--tokens", "1500", "--seeds", "2", "--dtype", "fp32",
+           "--", "--model", "tiny", "--seq_len", "32", "--batch_size", "4", "--micro_batch", "2",
            "--eval_tokens", "128", "--eval_every", "4", "--d_ff", "64"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -98,7 +103,8 @@ def test_a_two_rung_ladder_end_to_end(tmp_path):
         assert ", ".join(f"{r['val_acc']:.2%}" for r in runs) in row
         assert ", ".join(f"{r['val_loss']:.3f}" for r in runs) in row
     bert_log = log_of(out / "bert", 1)
-    assert bert_log[0]["settings"]["optimizer"] == "adamw" and bert_log[0]["config"]["positions"] == "learned"
+    assert bert_log[0]["settings"]["optimizer"] == "adamw" and \
+        bert_log[0]["config"]["positions"] == "learned"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reused") == 4, again.stdout
 
@@ -110,7 +116,8 @@ def test_previous_occurrence_distances_by_hand():
     ids = [7, 8, 7, 9, 8, 8, 7]
     # a: first, b: first, a: 2 back, c: first, b: 3 back, b: 1 back, a: 4 back
     assert ablate.previous_distances(ids).tolist() == [0, 0, 2, 0, 3, 1, 4]
-    assert ablate.bucket_of([1, 64, 65, 256, 257, 1024, 1025, 9000, 0]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    assert ablate.bucket_of([1, 64, 65, 256, 257, 1024, 1025, 9000, 0]).tolist() == \
+        [0, 0, 1, 1, 2, 2, 3, 3, 4]
     assert ablate.BUCKETS[4] == "first"
 
 
@@ -126,30 +133,34 @@ def test_repeats_by_hand():
     assert ablate.repeats(tokens, [(0, 100)], np.array([7])) == []  # 80 + 32 is past the end
 
 
-def test_pulled_apart_rows_put_each_use_d_after_its_only_definition(tmp_path):
+def test_pulled_apart_rows_put_each_use_d_after_its_only_definition(tmp_path, write_data):
     data = write_data(tmp_path / "data", [40] * 10, val_lengths=(50, 4300, 3000), vocab=2000)
     meta = train.load_meta(data)
     distances = [32, 128, 512, 4096]
     rows, row_distances = ablate.planted_rows(data, meta, 16, distances, seed=1)
-    controls, control_distances = ablate.planted_rows(data, meta, 16, distances, seed=1, define=False)
-    assert sorted(np.concatenate(row_distances).tolist()) == sorted(distances * 16)  # the same repeats at each d
+    controls, control_distances = ablate.planted_rows(data, meta, 16, distances, seed=1,
+                                                      define=False)
+    # the same repeats at each d
+    assert sorted(np.concatenate(row_distances).tolist()) == sorted(distances * 16)
     for (ids, labels), dist in zip(rows, row_distances):
         for position, d in zip(np.flatnonzero(labels != -100), dist):
             assert ids[position] == meta["mask_id"]
-            assert np.flatnonzero(ids == labels[position]).tolist() == [position - d]  # X: only d back
+            # X: only d back
+            assert np.flatnonzero(ids == labels[position]).tolist() == [position - d]
     for (ids, labels), _ in zip(controls, control_distances):
         assert not np.isin(labels[labels != -100], ids).any()  # never in the row
 
 
-def test_long_range_end_to_end_on_a_tiny_run(tmp_path):
+def test_long_range_end_to_end_on_a_tiny_run(tmp_path, write_data):
     """A tiny model's three phases, then --long_range on them: the tables, their counts (every
     masked token of the long documents lands in exactly one bucket), and the plot."""
     data = write_data(tmp_path / "data", np.random.default_rng(1).integers(5, 90, 200).tolist(),
                       val_lengths=(50, 2100, 4300), vocab=20000)  # (room for planted ids)
     run = tmp_path / "run"
-    common = ["--data", str(data), "--out", str(run), "--device", "cpu", "--dtype", "fp32", "--eval_tokens", "128"]
-    train.main(common + ["--model", "tiny", "--seq_len", "32", "--tokens", "2000", "--batch_size", "4",
-                         "--min_batch_size", "4", "--micro_batch", "2"])
+    common = ["--data", str(data), "--out", str(run), "--device", "cpu", "--dtype", "fp32",
+              "--eval_tokens", "128"]
+    train.main(common + ["--model", "tiny", "--seq_len", "32", "--tokens", "2000",
+                         "--batch_size", "4", "--min_batch_size", "4", "--micro_batch", "2"])
     train.main(common + ["--phase", "2"])
     train.main(common + ["--phase", "3"])
     out = tmp_path / "lr"
@@ -157,9 +168,10 @@ def test_long_range_end_to_end_on_a_tiny_run(tmp_path):
                  "--probe_pairs", "8", "--dtype", "fp32"])
     results = json.loads((out / "long_range.json").read_text())
     tokens, _ = train.load_split(data, "val")
-    _, labels = train.mask_tokens(tokens.astype(np.int64), np.random.default_rng(train.EVAL_SEED), 0.15, 3,
-                                  *train.special_and_ordinary_ids(train.load_meta(data)))
-    masked = (labels[50:] != -100).sum()  # the two long documents' masked tokens, as eval masks them
+    _, labels = train.mask_tokens(tokens.astype(np.int64), np.random.default_rng(train.EVAL_SEED),
+                                  0.15, 3, *train.special_and_ordinary_ids(train.load_meta(data)))
+    # the two long documents' masked tokens, as eval masks them
+    masked = (labels[50:] != -100).sum()
     for key, sums in results["buckets"].items():
         assert sum(n for _, n in sums) == masked, key
         assert all(0 <= c <= n for c, n in sums)

@@ -18,17 +18,21 @@ transformers = pytest.importorskip("transformers")
 SPECIAL = dict(pad_id=0, cls_id=1, sep_id=2)
 # Three shapes that differ in depth, width, heads, window and the global/local pattern.
 CONFIGS = {
-    "narrow": Config(vocab_size=320, n_layers=4, d_model=64, n_heads=4, d_ff=96, window=16, global_every=3,
-                     global_theta=160_000.0, local_theta=10_000.0, max_seq_len=512, **SPECIAL),
-    "wide_heads": Config(vocab_size=256, n_layers=5, d_model=96, n_heads=3, d_ff=160, window=32, global_every=2,
-                         global_theta=10_000.0, local_theta=10_000.0, max_seq_len=512, **SPECIAL),
-    "one_global": Config(vocab_size=192, n_layers=4, d_model=128, n_heads=8, d_ff=64, window=8, global_every=4,
-                         global_theta=50_000.0, local_theta=2_000.0, max_seq_len=512, **SPECIAL),
+    "narrow": Config(vocab_size=320, n_layers=4, d_model=64, n_heads=4, d_ff=96, window=16,
+                     global_every=3, global_theta=160_000.0, local_theta=10_000.0,
+                     max_seq_len=512, **SPECIAL),
+    "wide_heads": Config(vocab_size=256, n_layers=5, d_model=96, n_heads=3, d_ff=160, window=32,
+                         global_every=2, global_theta=10_000.0, local_theta=10_000.0,
+                         max_seq_len=512, **SPECIAL),
+    "one_global": Config(vocab_size=192, n_layers=4, d_model=128, n_heads=8, d_ff=64, window=8,
+                         global_every=4, global_theta=50_000.0, local_theta=2_000.0,
+                         max_seq_len=512, **SPECIAL),
 }
 
 # FlexAttention (torch 2.5+) runs unfused on CPU, the tests' only use of it, and warns so.
 needs_flex = pytest.mark.skipif(modernbert.flex_attention is None, reason="needs FlexAttention")
-no_compile_warning = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+no_compile_warning = pytest.mark.filterwarnings("ignore:flex_attention called without "
+                                                "torch.compile")
 
 
 def seeded(config, seed=0):
@@ -39,7 +43,8 @@ def seeded(config, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name
+                        else 0.1 * torch.randn_like(p))
     return model
 
 
@@ -61,7 +66,7 @@ def hf_logits(hf_model, ids, mask):
         return hf_model(input_ids=ids, attention_mask=mask.long()).logits
 
 
-# ----------------------------------------------------------------------------- parity with transformers
+# ------------------------------------------------------------------------- parity with transformers
 
 def test_parameter_counts_match_transformers():
     for name, expected in [("base", 149_655_232), ("large", 395_881_664)]:
@@ -69,7 +74,8 @@ def test_parameter_counts_match_transformers():
             ours = ModernBERT(config_for(name))
         c = ours.config
         hf_config = transformers.ModernBertConfig(vocab_size=c.vocab_size, hidden_size=c.d_model,
-                                                  num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                                                  num_hidden_layers=c.n_layers,
+                                                  num_attention_heads=c.n_heads,
                                                   intermediate_size=c.d_ff)
         with torch.device("meta"):
             hf = transformers.ModernBertForMaskedLM(hf_config)
@@ -82,7 +88,8 @@ def test_ours_saved_loads_in_transformers_with_same_logits(name, tmp_path):
     config = CONFIGS[name]
     ours = seeded(config)
     ours.save_pretrained(tmp_path)
-    hf, info = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path, attn_implementation="sdpa",
+    hf, info = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path,
+                                                                  attn_implementation="sdpa",
                                                                   output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids, mask = padded_batch(lengths_for(config), config.vocab_size)
@@ -99,8 +106,8 @@ def test_transformers_checkpoint_loads_with_same_logits(name, tmp_path):
         vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, intermediate_size=c.d_ff, local_attention=c.window,
         global_attn_every_n_layers=c.global_every, global_rope_theta=c.global_theta,
-        local_rope_theta=c.local_theta, pad_token_id=0, bos_token_id=1, cls_token_id=1, eos_token_id=2,
-        sep_token_id=2, max_position_embeddings=c.max_seq_len)
+        local_rope_theta=c.local_theta, pad_token_id=0, bos_token_id=1, cls_token_id=1,
+        eos_token_id=2, sep_token_id=2, max_position_embeddings=c.max_seq_len)
     torch.manual_seed(1)
     hf = transformers.ModernBertForMaskedLM(hf_config).eval()
     with torch.no_grad():  # random norms and decoder bias here too
@@ -118,13 +125,15 @@ def test_transformers_checkpoint_loads_with_same_logits(name, tmp_path):
 
 def test_released_config_layout_is_understood():
     # The released answerdotai/ModernBERT-base config.json (abridged): the legacy field names.
-    released = {"vocab_size": 50368, "hidden_size": 768, "num_hidden_layers": 22, "num_attention_heads": 12,
-                "intermediate_size": 1152, "hidden_activation": "gelu", "global_attn_every_n_layers": 3,
-                "local_attention": 128, "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
-                "max_position_embeddings": 8192, "norm_eps": 1e-05, "norm_bias": False, "attention_bias": False,
-                "mlp_bias": False, "decoder_bias": True, "pad_token_id": 50283, "cls_token_id": 50281,
-                "sep_token_id": 50282, "initializer_range": 0.02, "tie_word_embeddings": True}
-    assert hf_format.config_from_hf(released) == config_for("base")
+    released = {"vocab_size": 50368, "hidden_size": 768, "num_hidden_layers": 22,
+                "num_attention_heads": 12, "intermediate_size": 1152, "hidden_activation": "gelu",
+                "global_attn_every_n_layers": 3, "local_attention": 128,
+                "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
+                "max_position_embeddings": 8192, "norm_eps": 1e-05, "norm_bias": False,
+                "attention_bias": False, "mlp_bias": False, "decoder_bias": True,
+                "pad_token_id": 50283, "cls_token_id": 50281, "sep_token_id": 50282,
+                "initializer_range": 0.02, "tie_word_embeddings": True}
+    assert Config(**hf_format.config_from_hf(released)) == config_for("base")
     with pytest.raises(ValueError, match="attention_bias"):
         hf_format.config_from_hf({**released, "attention_bias": True})
 
@@ -133,7 +142,8 @@ def test_loading_a_mismatched_checkpoint_names_the_tensor(tmp_path):
     seeded(CONFIGS["narrow"]).save_pretrained(tmp_path)
     from safetensors.torch import load_file, save_file
     tensors = load_file(tmp_path / "model.safetensors")
-    tensors["model.layers.1.mlp.Wo.weight"] = tensors["model.layers.1.mlp.Wo.weight"][:, :-1].contiguous()
+    tensors["model.layers.1.mlp.Wo.weight"] = \
+        tensors["model.layers.1.mlp.Wo.weight"][:, :-1].contiguous()
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="layers.1.mlp.Wo.weight"):
         ModernBERT.from_pretrained(tmp_path)
@@ -146,21 +156,22 @@ def test_loading_a_mismatched_checkpoint_names_the_tensor(tmp_path):
 # Weights at std 0.2, not 0.02: attention far from uniform and GELU inputs on its curved part, so
 # that q and k swapped, or GELU's tanh approximation, move the logits by more than 1e-4.
 BERT_CONFIGS = {
-    "bert_narrow": config_for("bert-base", vocab_size=200, n_layers=3, d_model=64, n_heads=4, d_ff=96, max_seq_len=80,
-                              init_std=0.2),
-    "bert_odd_head_dim": config_for("bert-base", vocab_size=150, n_layers=2, d_model=60, n_heads=4, d_ff=50,
-                                    max_seq_len=80, norm_eps=1e-5, init_std=0.2),
-    "bert_deep_4x": config_for("bert-base", vocab_size=96, n_layers=5, d_model=96, n_heads=3, d_ff=384, max_seq_len=96,
-                               init_std=0.2, pad_id=1),
+    "bert_narrow": config_for("bert-base", vocab_size=200, n_layers=3, d_model=64, n_heads=4,
+                              d_ff=96, max_seq_len=80, init_std=0.2),
+    "bert_odd_head_dim": config_for("bert-base", vocab_size=150, n_layers=2, d_model=60, n_heads=4,
+                                    d_ff=50, max_seq_len=80, norm_eps=1e-5, init_std=0.2),
+    "bert_deep_4x": config_for("bert-base", vocab_size=96, n_layers=5, d_model=96, n_heads=3,
+                               d_ff=384, max_seq_len=96, init_std=0.2, pad_id=1),
 }
 BERT_LENGTHS = [1, 5, 80, 33, 2]
 
 
 def bert_config_for_transformers(c, **extra):
-    return transformers.BertConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
-                                   num_attention_heads=c.n_heads, intermediate_size=c.d_ff,
-                                   max_position_embeddings=c.max_seq_len, layer_norm_eps=c.norm_eps,
-                                   initializer_range=c.init_std, pad_token_id=c.pad_id, **extra)
+    return transformers.BertConfig(vocab_size=c.vocab_size, hidden_size=c.d_model,
+                                   num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                                   intermediate_size=c.d_ff, max_position_embeddings=c.max_seq_len,
+                                   layer_norm_eps=c.norm_eps, initializer_range=c.init_std,
+                                   pad_token_id=c.pad_id, **extra)
 
 
 def assert_same_logits_as_transformers(ours, hf, seed):
@@ -208,19 +219,21 @@ def test_ours_bert_saved_loads_in_transformers_with_same_logits(name, tmp_path):
 
 def test_released_bert_config_layout_is_understood():
     # bert-base-uncased's config.json (abridged): the BERT preset, and its parameter count.
-    released = {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-                "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
-                "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert",
-                "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0,
-                "position_embedding_type": "absolute", "type_vocab_size": 2, "vocab_size": 30522}
-    assert hf_format.config_from_hf(released) == config_for("bert-base")
+    released = {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
+                "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
+                "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+                "num_hidden_layers": 12, "pad_token_id": 0, "position_embedding_type": "absolute",
+                "type_vocab_size": 2, "vocab_size": 30522}
+    assert Config(**hf_format.config_from_hf(released)) == config_for("bert-base")
     with pytest.raises(ValueError, match="hidden_act"):
         hf_format.config_from_hf({**released, "hidden_act": "gelu_new"})
     with torch.device("meta"):
         ours = ModernBERT(config_for("bert-base"))
         hf = transformers.BertForMaskedLM(transformers.BertConfig(**released))
     # 109,514,298 in transformers, whose segment table has 2 rows of 768; ours folds row 0 in.
-    assert sum(p.numel() for p in hf.parameters()) - 2 * 768 == sum(p.numel() for p in ours.parameters())
+    assert sum(p.numel() for p in hf.parameters()) - 2 * 768 == \
+        sum(p.numel() for p in ours.parameters())
 
 
 def parameter_shapes(config):
@@ -231,21 +244,27 @@ def parameter_shapes(config):
 def test_each_bert_switch_changes_only_what_it_names():
     """Parameter counts by hand, from the ModernBERT config below to each switch alone, to BERT."""
     V, n_layers, d, d_ff, T = 320, 4, 64, 96, 512
-    c = Config(vocab_size=V, n_layers=n_layers, d_model=d, n_heads=4, d_ff=d_ff, window=16, max_seq_len=T, **SPECIAL)
-    per_layer = 3 * d * d + d * d + d * 2 * d_ff + d_ff * d + 2 * d   # Wqkv, Wo, GeGLU Wi and Wo, 2 norms
-    modern = V * d + d + n_layers * per_layer - d + d + (d * d + d) + V  # layer 0: no attn_norm; final norm; head
+    c = Config(vocab_size=V, n_layers=n_layers, d_model=d, n_heads=4, d_ff=d_ff, window=16,
+               max_seq_len=T, **SPECIAL)
+    # Wqkv, Wo, GeGLU Wi and Wo, 2 norms
+    per_layer = 3 * d * d + d * d + d * 2 * d_ff + d_ff * d + 2 * d
+    # layer 0: no attn_norm; final norm; head
+    modern = V * d + d + n_layers * per_layer - d + d + (d * d + d) + V
     assert modern == 164_800
     shapes = {"modernbert": parameter_shapes(c)}
-    assert sum(math.prod(s) for s in shapes["modernbert"].values()) == modern  # (the decoder is tied)
+    # the decoder is tied
+    assert sum(math.prod(s) for s in shapes["modernbert"].values()) == modern
     biases = (n_layers * (3 * d + d + d_ff + d + 2 * d) - d  # Wqkv, Wo, Wi (d_ff wide), Wo, norms
-              + d + d + (d + d))                             # embed_norm, final_norm, head dense and norm
+              + d + d                                        # embed_norm, final_norm
+              + (d + d))                                     # head dense and norm
     expected_change = {"positions": T * d,                  # the position table: 512 x 64 = 32,768
-                       "mlp": -n_layers * d * d_ff,         # Wi is d x d_ff, not d x 2 d_ff: -24,576
-                       "bias": biases + n_layers * d_ff,    # a GeGLU's Wi bias is 2 d_ff wide: 2,752
-                       "prenorm": 0}                        # layer 0 gains attn_norm, final_norm goes
+                       "mlp": -n_layers * d * d_ff,         # Wi: d x d_ff, not d x 2 d_ff: -24,576
+                       "bias": biases + n_layers * d_ff,    # GeGLU's Wi bias is 2 d_ff wide: 2,752
+                       "prenorm": 0}                        # layer 0's attn_norm in, final_norm out
     assert list(expected_change.values()) == [32_768, -24_576, 2_752, 0]
-    switched = {"positions": dict(positions="learned"), "mlp": dict(mlp="gelu"), "bias": dict(bias=True),
-                "prenorm": dict(prenorm=False), "global": dict(global_every=1)}
+    switched = {"positions": dict(positions="learned"), "mlp": dict(mlp="gelu"),
+                "bias": dict(bias=True), "prenorm": dict(prenorm=False),
+                "global": dict(global_every=1)}
     for switch, change in switched.items():
         shapes[switch] = parameter_shapes(replace_config(c, **change))
         count = sum(math.prod(s) for s in shapes[switch].values())
@@ -258,15 +277,17 @@ def test_each_bert_switch_changes_only_what_it_names():
             "bias": {n for n in after if n.endswith(".bias") and n != "decoder.bias"},
             "prenorm": {"layers.0.attn_norm.weight", "final_norm.weight"},
             "global": set()}[switch], switch
-    assert sum(shapes["bias"][n][0] for n in shapes["bias"] if n.endswith(".bias")) - V == biases + n_layers * d_ff
+    assert sum(shapes["bias"][n][0] for n in shapes["bias"] if n.endswith(".bias")) - V == \
+        biases + n_layers * d_ff
     # All switches at BERT's: the changes add up (post-norm moves one bias as it moves one weight).
-    bert = replace_config(c, positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1)
+    bert = replace_config(c, positions="learned", mlp="gelu", bias=True, prenorm=False,
+                          global_every=1)
     count = sum(math.prod(s) for s in parameter_shapes(bert).values())
     assert count == modern + T * d - n_layers * d * d_ff + biases
     # ... and is what transformers' BertForMaskedLM has, less its one segment row.
     hf = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=V, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=4, intermediate_size=d_ff,
-        max_position_embeddings=T, type_vocab_size=1))
+        vocab_size=V, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=4,
+        intermediate_size=d_ff, max_position_embeddings=T, type_vocab_size=1))
     assert sum(p.numel() for p in hf.parameters()) == count + d
 
 
@@ -279,7 +300,8 @@ def test_global_every_one_is_global_attention_everywhere():
 
 def test_mixed_switches_run_but_do_not_export(tmp_path):
     """Any mix of switches is a model that trains (the ablations between BERT and ModernBERT), but
-    transformers has neither model for it, so save_pretrained says so instead of writing a wrong one."""
+    transformers has neither model for it, so save_pretrained says so instead of
+    writing a wrong one."""
     config = replace_config(CONFIGS["narrow"], positions="learned", bias=True)
     model = seeded(config)
     ids, mask = padded_batch([9, 4], config.vocab_size)
@@ -290,7 +312,7 @@ def test_mixed_switches_run_but_do_not_export(tmp_path):
         model.save_pretrained(tmp_path)
 
 
-# ----------------------------------------------------------------------------- unpadding and packing
+# ---------------------------------------------------------------------------- unpadding and packing
 
 def test_batch_invariance_alone_padded_packed():
     config = CONFIGS["narrow"]
@@ -317,7 +339,8 @@ def test_sdpa_kernels_equal_the_attention_definition(name):
     config = CONFIGS[name]
     model = seeded(config)
     lengths = [5, 7, 5, 1, 3 * config.window + 1, 7, config.window // 2 + 1]
-    ids = torch.randint(3, config.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(3, config.vocab_size, (sum(lengths),),
+                        generator=torch.Generator().manual_seed(7))
     cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
     with torch.no_grad():
         fast, _ = model(ids, cu_seqlens=cu)
@@ -333,7 +356,8 @@ def test_no_attention_across_documents_in_a_packed_stream():
     config = CONFIGS["wide_heads"]
     model = seeded(config)
     g = torch.Generator().manual_seed(3)
-    first, second, other = (torch.randint(3, config.vocab_size, (n,), generator=g) for n in (70, 50, 50))
+    first, second, other = (torch.randint(3, config.vocab_size, (n,), generator=g)
+                            for n in (70, 50, 50))
     cu = torch.tensor([0, 70, 120], dtype=torch.int32)
     with torch.no_grad():
         a, _ = model(torch.cat([first, second]), cu_seqlens=cu)
@@ -341,7 +365,8 @@ def test_no_attention_across_documents_in_a_packed_stream():
         first_alone, _ = model(first[None])
         second_alone, _ = model(second[None])
     assert torch.equal(a[:70], b[:70])  # the first document cannot tell what follows it
-    errors = [float((a[:70] - first_alone[0]).abs().max()), float((a[70:] - second_alone[0]).abs().max())]
+    errors = [float((a[:70] - first_alone[0]).abs().max()),
+              float((a[70:] - second_alone[0]).abs().max())]
     assert max(errors) <= 1e-5, errors  # nor can the second tell what precedes it
 
 
@@ -349,7 +374,8 @@ def rotate_half_rope(x, positions, theta):
     """RoPE written out: (n, heads, head_dim) rotated by position * theta^(-2i/head_dim), pairs
     (i, i + head_dim/2), as transformers' rotate_half does."""
     hd = x.shape[-1]
-    angles = positions.double()[:, None] * theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = positions.double()[:, None] * \
+        theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     cos, sin = (torch.cat([f(angles)] * 2, dim=-1)[:, None] for f in (torch.cos, torch.sin))
     return x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], dim=-1) * sin
 
@@ -394,9 +420,11 @@ def test_packed_stream_matches_dense_reference_and_documents_alone(name):
         ids = torch.randint(3, config.vocab_size, (sum(lengths),), generator=g)
         cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
         with torch.no_grad():
-            packed, _ = model(ids, cu_seqlens=cu)                                          # (n, vocab)
-            alone = torch.cat([model(ids[cu[i]:cu[i + 1]][None])[0][0] for i in range(len(lengths))])
-        to_reference = float((packed.double() - dense_reference_logits(model, ids, lengths)).abs().max())
+            packed, _ = model(ids, cu_seqlens=cu)  # (n, vocab)
+            alone = torch.cat([model(ids[cu[i]:cu[i + 1]][None])[0][0]
+                               for i in range(len(lengths))])
+        to_reference = float((packed.double()
+                              - dense_reference_logits(model, ids, lengths)).abs().max())
         to_alone = float((packed - alone).abs().max())
         assert to_reference <= 1e-5 and to_alone <= 1e-5, (lengths, to_reference, to_alone)
 
@@ -445,8 +473,10 @@ def test_window_boundary(monkeypatch, name, backend):
                 y = x.clone()
                 y[key] += 1.0
                 with torch.no_grad():
-                    delta = (layer_output(model, local, y, cu) - layer_output(model, local, x, cu))[query].abs().max()
-                    delta_global = (layer_output(model, glob, y, cu) - layer_output(model, glob, x, cu))[query].abs().max()
+                    delta = (layer_output(model, local, y, cu)
+                             - layer_output(model, local, x, cu))[query].abs().max()
+                    delta_global = (layer_output(model, glob, y, cu)
+                                    - layer_output(model, glob, x, cu))[query].abs().max()
                 assert (delta > 1e-4) if sees else (delta <= 1e-6), (query, key, float(delta))
                 assert delta_global > 1e-4  # a global layer sees every distance
 
@@ -491,7 +521,8 @@ def test_sparse_prediction_loss_equals_dense_loss():
     with torch.no_grad():
         dense, _ = model(ids, attention_mask=mask)
         sparse_logits, sparse_loss = model(ids, attention_mask=mask, labels=labels)
-    dense_loss = F.cross_entropy(dense.view(-1, config.vocab_size), labels.view(-1), ignore_index=-100)
+    dense_loss = F.cross_entropy(dense.view(-1, config.vocab_size), labels.view(-1),
+                                 ignore_index=-100)
     assert abs(float(sparse_loss) - float(dense_loss)) <= 1e-5
     assert (sparse_logits - dense[labels != -100]).abs().max() <= 1e-5
     assert sparse_logits.shape == ((labels != -100).sum(), config.vocab_size)
@@ -503,7 +534,8 @@ def test_init_follows_the_paper():
     std, out_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)
     wqkv, wo = model.layers[1].attn.Wqkv.weight, model.layers[1].mlp.Wo.weight
     assert wqkv.abs().max() <= 2 * std and wo.abs().max() <= 2 * out_std
-    assert abs(wqkv.std().item() - std * 0.88) < 0.002  # a normal cut at 2 std keeps 0.88 of its std
+    # a normal cut at 2 std keeps 0.88 of its std
+    assert abs(wqkv.std().item() - std * 0.88) < 0.002
     assert abs(wo.std().item() - out_std * 0.88) < 0.0005
     # The head's dense layer at 0.02, as the official pretraining code has it (transformers' port
     # depth-scales it like Wo): its std tells the two apart (0.0176 vs 0.0051 for 4 layers).
@@ -511,7 +543,8 @@ def test_init_follows_the_paper():
     assert dense.abs().max() <= 2 * std and abs(dense.std().item() - std * 0.88) < 0.001
     assert model.decoder.weight is model.tok_embeddings.weight
     assert torch.equal(model.decoder.bias, torch.zeros(config.vocab_size))
-    assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters()
+               if "norm" in n)
     assert isinstance(model.layers[0].attn_norm, torch.nn.Identity)
 
 
@@ -547,7 +580,8 @@ def test_flops_per_token_matches_a_flop_counter():
     assert mixed.flops_per_token(60) == 3 * mixed.flops_per_token(60, training=False)
     bert = seeded(BERT_CONFIGS["bert_narrow"])  # all global, a GELU MLP d_ff wide: exact as well
     for n in (10, 60):
-        assert bert.flops_per_token(n, training=False) == pytest.approx(counted_flops_per_token(bert, n), rel=1e-9)
+        assert bert.flops_per_token(n, training=False) == \
+            pytest.approx(counted_flops_per_token(bert, n), rel=1e-9)
 
 
 def replace_config(config, **changes):
@@ -555,7 +589,7 @@ def replace_config(config, **changes):
     return replace(config, **changes)
 
 
-# ----------------------------------------------------------------------------- CUDA kernels' glue, on CPU
+# ----------------------------------------------------------------------- CUDA kernels' glue, on CPU
 # The two FlashAttention kernels run only on CUDA. Here each is replaced by a fake that checks the
 # contract its documentation states (and its C++ checks enforce) and computes what the
 # documentation says it computes; the model around it must then give the SDPA path's output.
@@ -569,7 +603,7 @@ def documented_attention(q, k, v, cu_seqlens, left, right):
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
         i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
         visible = ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
-        qd, kd, vd = (t[start:end].float() for t in (q, k, v))                # (length, heads, head_dim)
+        qd, kd, vd = (t[start:end].float() for t in (q, k, v))  # (length, heads, head_dim)
         scores = torch.einsum("ihd,jhd->hij", qd, kd) / q.shape[-1] ** 0.5
         probs = scores.masked_fill(~visible, -math.inf).softmax(-1)
         out[start:end] = torch.einsum("hij,jhd->ihd", probs, vd).to(q.dtype)
@@ -580,20 +614,22 @@ def check_flash_contract(q, k, v, cu_q, cu_k, max_q, max_k, window_size):
     """The arguments both varlen FlashAttention APIs document."""
     assert q.dtype in (torch.float16, torch.bfloat16), q.dtype             # fp16 / bf16 only
     assert k.dtype == q.dtype and v.dtype == q.dtype
-    assert q.dim() == 3 and k.shape == q.shape and v.shape == q.shape   # (total_tokens, heads, head_dim)
+    # (total_tokens, heads, head_dim)
+    assert q.dim() == 3 and k.shape == q.shape and v.shape == q.shape
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     for cu in (cu_q, cu_k):
         assert cu.dtype == torch.int32 and cu.dim() == 1 and cu.device == q.device, cu.dtype
         assert int(cu[0]) == 0 and int(cu[-1]) == len(q) and bool((cu.diff() >= 0).all())
     assert torch.equal(cu_q, cu_k)  # self-attention: queries and keys in the same documents
     for m in (max_q, max_k):
-        assert type(m) is int and m >= int(cu_q.diff().max()), type(m)     # a Python int, not a tensor
+        # a Python int, not a tensor
+        assert type(m) is int and m >= int(cu_q.diff().max()), type(m)
     assert type(window_size) is tuple and len(window_size) == 2
     assert all(type(w) is int for w in window_size)
 
 
-def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                     window_size=(-1, -1), enable_gqa=False):
+def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                     scale=None, window_size=(-1, -1), enable_gqa=False):
     """torch.nn.attention.varlen.varlen_attn, torch 2.11+: (T, H, D) in, (T, H, D) out."""
     check_flash_contract(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size)
     assert return_aux is None and scale is None and not enable_gqa  # default scale 1/sqrt(head_dim)
@@ -601,10 +637,11 @@ def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
 
 
 def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                                **rest):
+                                dropout_p=0.0, softmax_scale=None, causal=False,
+                                window_size=(-1, -1), **rest):
     """flash_attn.flash_attn_varlen_func, flash-attn 2.3+ (window_size)."""
-    check_flash_contract(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
+    check_flash_contract(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         window_size)
     assert dropout_p == 0.0 and softmax_scale is None and not causal and not rest
     return documented_attention(q, k, v, cu_seqlens_q, *window_size)
 
@@ -627,11 +664,13 @@ def test_documented_attention_is_the_definition():
     config = CONFIGS["narrow"]
     lengths = [1, 8, 9, 59, 1, 16]
     cu = modernbert.cu_seqlens_of(lengths)
-    q, k, v = torch.randn(3, sum(lengths), 4, 16, generator=torch.Generator().manual_seed(10)).unbind(0)
+    q, k, v = torch.randn(3, sum(lengths), 4, 16,
+                          generator=torch.Generator().manual_seed(10)).unbind(0)
     docs = Documents(cu, config, "reference")
     for window_size, half_window in [((8, 8), 8), ((-1, -1), None)]:
         fake = documented_attention(q, k, v, cu, *window_size)
-        assert (fake - modernbert.attention_reference(q, k, v, docs, half_window)).abs().max() <= 1e-6
+        assert (fake - modernbert.attention_reference(q, k, v, docs, half_window)).abs().max() \
+            <= 1e-6
 
 
 @pytest.mark.parametrize("backend", FAKES)
@@ -697,18 +736,21 @@ def blocks_to_dense(counts, indices):
 
 
 @needs_flex
-@pytest.mark.parametrize("half_window", [None, 8, 64, 126, 127, 128])  # a tile is 128: 127 apart at most
+# a tile is 128: 127 apart at most
+@pytest.mark.parametrize("half_window", [None, 8, 64, 126, 127, 128])
 @pytest.mark.parametrize("lengths", [[1, 8, 9, 59, 1, 300, 16], [128, 256, 5], [256]],
                          ids=["mixed", "aligned", "one_doc"])
 def test_flex_block_mask_lists_every_visible_tile(lengths, half_window):
     """On CUDA, FlexAttention skips the tiles a BlockMask leaves out and skips mask_mod in "full"
     ones; the unfused CPU version does neither, so the tiles are checked against a dense mask:
-    every tile with a visible pair is listed, "full" tiles are entirely visible, partial ones not."""
+    every tile with a visible pair is listed, "full" tiles are entirely visible, partial
+    ones not."""
     config = replace_config(CONFIGS["narrow"], window=2 * (half_window or 8))
     docs = Documents(modernbert.cu_seqlens_of(lengths), config, "flex")
     block_mask = docs.flex_global if half_window is None else docs.flex_local
     n, n_padded = sum(lengths), -(-sum(lengths) // 128) * 128
-    doc = torch.repeat_interleave(torch.arange(len(lengths) + 1), torch.tensor(lengths + [n_padded - n]))
+    doc = torch.repeat_interleave(torch.arange(len(lengths) + 1),
+                                  torch.tensor(lengths + [n_padded - n]))
     i = torch.arange(n_padded)
     visible = doc[:, None] == doc[None, :]  # the padding: a document of its own
     if half_window is not None:
@@ -716,8 +758,10 @@ def test_flex_block_mask_lists_every_visible_tile(lengths, half_window):
     partial = blocks_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices)
     full = blocks_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     assert not (partial & full).any()
-    assert torch.equal(full | partial, tiles(visible, torch.max))  # nothing visible skipped, none empty
-    assert torch.equal(full, tiles(visible, torch.min))            # "full" is full, and all full are
+    # nothing visible skipped, none empty
+    assert torch.equal(full | partial, tiles(visible, torch.max))
+    # "full" is full, and all full are
+    assert torch.equal(full, tiles(visible, torch.min))
     assert block_mask.shape[-2:] == (n_padded, n_padded)
 
 
@@ -735,7 +779,7 @@ def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_cau
     ((8, 0), False, None, True, "flex"),                       # torch 2.5 ... 2.9
     ((7, 5), True, fake_varlen_attn, True, "flex"),            # a T4: no FlashAttention runs there
     ((8, 0), False, None, False, "sdpa"),                      # no Triton (Windows) or torch 2.4
-    ((6, 1), False, None, True, "sdpa"),                       # Pascal: Triton does not compile for it
+    ((6, 1), False, None, True, "sdpa"),                       # Pascal: Triton won't compile for it
 ])
 def test_cuda_order(monkeypatch, capability, flash, varlen, flex, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -770,7 +814,7 @@ def test_this_torch_has_varlen_with_a_window_from_2_11():
     assert modernbert.has_window(modernbert.varlen_attn) == from_2_11
 
 
-# ----------------------------------------------------------------------------- the real kernels (CUDA)
+# -------------------------------------------------------------------------- the real kernels (CUDA)
 
 def cuda_kernels():
     """The backends this machine's GPU and install can run, fastest first; [] without CUDA."""
@@ -843,21 +887,26 @@ def test_cuda_kernel_window_boundary(backend):
     x = torch.randn(n, config.d_model, device="cuda")
     cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
     query = 100
-    for key, sees in [(query + w, True), (query + w + 1, False), (query - w, True), (query - w - 1, False)]:
+    for key, sees in [(query + w, True), (query + w + 1, False),
+                      (query - w, True), (query - w - 1, False)]:
         y = x.clone()
         y[key] += 1.0
         with torch.no_grad():
-            delta = (layer_output(model, 1, y, cu) - layer_output(model, 1, x, cu))[query].abs().max()
+            delta = (layer_output(model, 1, y, cu)
+                     - layer_output(model, 1, x, cu))[query].abs().max()
         assert (delta > 1e-3) if sees else (delta == 0), (key, float(delta))
 
 
 # ----------------------------------------------------------------------------- config, export
 
 def test_impossible_shapes_are_refused_with_the_reason():
-    for change, reason in [(dict(n_heads=3), "not divisible by n_heads"), (dict(n_heads=256), "head_dim d_model / n_heads = 1 must be even"),
-                           (dict(window=7), "window 7 must be even"), (dict(n_layers=0), "n_layers must be"),
+    for change, reason in [(dict(n_heads=3), "not divisible by n_heads"),
+                           (dict(n_heads=256), "head_dim d_model / n_heads = 1 must be even"),
+                           (dict(window=7), "window 7 must be even"),
+                           (dict(n_layers=0), "n_layers must be"),
                            (dict(attn_out_dropout=1.0), "attn_out_dropout"),
-                           (dict(positions="alibi"), "positions must be"), (dict(mlp="swiglu"), "mlp 'geglu'")]:
+                           (dict(positions="alibi"), "positions must be"),
+                           (dict(mlp="swiglu"), "mlp 'geglu'")]:
         with pytest.raises(ValueError, match=reason):
             config_for("mini", **change)
 
@@ -869,7 +918,8 @@ def test_export_has_no_probability_dropout(tmp_path):
     config = replace_config(CONFIGS["narrow"], attn_out_dropout=0.1)
     ours = seeded(config)
     ours.save_pretrained(tmp_path)
-    hf = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path, attn_implementation="sdpa").train()
+    hf = transformers.ModernBertForMaskedLM.from_pretrained(
+        tmp_path, attn_implementation="sdpa").train()
     assert hf.config.attention_dropout == 0.0
     ids, mask = padded_batch([40, 17], config.vocab_size)
     with torch.no_grad():

@@ -9,7 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 import prepare
 
-OUTPUTS = {"tokenizer.json", "train.bin", "val.bin", "train_offsets.npy", "val_offsets.npy", "meta.json"}
+OUTPUTS = {"tokenizer.json", "train.bin", "val.bin", "train_offsets.npy", "val_offsets.npy",
+           "meta.json"}
 
 
 def make_corpus(root):
@@ -20,7 +21,8 @@ def make_corpus(root):
             f'"""Module {i}: helpers for the café ☕ and 日本語 text."""\n\n'
             f"def f{i}(x, y={i}):\n\tif x:\r\n        return x * {i}  # comment with  two spaces\n"
             f"    return [y] * {i}\n" * (1 + i % 5))
-    docs["notes.txt"] = "A literal [CLS] and [MASK] and [SEP] in a document are text, not markers.\n"
+    docs["notes.txt"] = ("A literal [CLS] and [MASK] and [SEP] in a document are text, "
+                         "not markers.\n")
     docs["no_newline.md"] = "  leading spaces, no final newline"
     for name, text in docs.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +51,10 @@ def decoded_documents(tok, out, meta):
         starts, ends = tokens[offsets[:-1]], tokens[offsets[1:] - 1]
         assert (starts == meta["cls_id"]).all() and (ends == meta["sep_id"]).all()
         # [CLS] and [SEP] appear nowhere else, even for documents that contain the text "[CLS]"
-        assert (tokens == meta["cls_id"]).sum() == (tokens == meta["sep_id"]).sum() == len(offsets) - 1
-        docs += [tok.decode(tokens[a + 1:b - 1].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+        assert (tokens == meta["cls_id"]).sum() == (tokens == meta["sep_id"]).sum() == \
+            len(offsets) - 1
+        docs += [tok.decode(tokens[a + 1:b - 1].tolist())
+                 for a, b in zip(offsets[:-1], offsets[1:])]
     return docs
 
 
@@ -70,7 +74,8 @@ def test_round_trip_and_counts(corpus, tmp_path):
     assert meta["files"] == len(docs) + 4  # the hidden .git/HEAD is not a file of the corpus
     assert meta["skipped"] == {"empty": 2, "undecodable": 2} and meta["skipped_files"] == 4
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == "trained"
-    assert meta["vocab_size"] % 64 == 0 and 0 <= meta["vocab_size"] - meta["tokenizer_vocab_size"] < 64
+    assert meta["vocab_size"] % 64 == 0 and \
+        0 <= meta["vocab_size"] - meta["tokenizer_vocab_size"] < 64
     assert {p.name for p in (tmp_path / "out").iterdir()} == OUTPUTS
 
 
@@ -134,7 +139,8 @@ def test_reused_tokenizer_with_its_own_ids(corpus, tmp_path):
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", n + 1), ("[SEP]", n + 2)])
     tok.save(str(tmp_path / "tok.json"))
     meta = run(root, tmp_path / "out", "--tokenizer", str(tmp_path / "tok.json"))
-    assert (meta["unk_id"], meta["cls_id"], meta["sep_id"], meta["pad_id"], meta["mask_id"]) == tuple(range(n, n + 5))
+    assert (meta["unk_id"], meta["cls_id"], meta["sep_id"], meta["pad_id"], meta["mask_id"]) == \
+        tuple(range(n, n + 5))
     assert meta["tokenizer"] == str(tmp_path / "tok.json") and meta["tokenizer_vocab_size"] == n + 5
     saved = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     assert saved.get_vocab(with_added_tokens=True) == tok.get_vocab(with_added_tokens=True)
@@ -142,7 +148,8 @@ def test_reused_tokenizer_with_its_own_ids(corpus, tmp_path):
 
 
 def test_large_vocabulary_is_stored_as_uint32(tmp_path):
-    vocab = {f"w{i}": i for i in range(70_000)} | {t: 70_000 + i for i, t in enumerate(prepare.SPECIAL_TOKENS)}
+    vocab = {f"w{i}": i for i in range(70_000)} | \
+        {t: 70_000 + i for i, t in enumerate(prepare.SPECIAL_TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
@@ -154,7 +161,8 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     meta = run(tmp_path / "in", tmp_path / "out", "--tokenizer", str(tmp_path / "tok.json"))
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_016
     tokens = np.concatenate([prepare.load_split(tmp_path / "out", s)[0] for s in ("train", "val")])
-    assert sorted(tokens.tolist()) == sorted([70_000, 69_999, 1, 70_001, 70_000, 66_000, 70_004, 70_001])
+    assert sorted(tokens.tolist()) == \
+        sorted([70_000, 69_999, 1, 70_001, 70_000, 66_000, 70_004, 70_001])
 
 
 # ----------------------------------------------------------------------------- errors
@@ -196,11 +204,13 @@ def test_bad_tokenizer_is_a_clear_error(corpus, tmp_path):
     argv = ["--input", str(root), "--out", str(tmp_path / "out"), "--tokenizer"]
     msg = error_of(argv + [str(tmp_path / "absent.json")])
     assert "cannot load tokenizer" in msg and "absent.json" in msg
-    tok = Tokenizer(models.WordLevel({"a": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3}, unk_token="[PAD]"))
+    tok = Tokenizer(models.WordLevel({"a": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3},
+                                     unk_token="[PAD]"))
     tok.save(str(tmp_path / "few.json"))
     msg = error_of(argv + [str(tmp_path / "few.json")])
     assert msg.endswith("lacks the special tokens [MASK], [UNK]")
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(prepare.SPECIAL_TOKENS)}, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(prepare.SPECIAL_TOKENS)},
+                                     unk_token="[UNK]"))
     tok.save(str(tmp_path / "unwrapped.json"))  # all tokens, but no post-processor
     assert "[CLS] ... [SEP]" in error_of(argv + [str(tmp_path / "unwrapped.json")])
     assert not (tmp_path / "out").exists()
@@ -229,7 +239,8 @@ def test_interrupted_write_leaves_no_complete_looking_output(corpus, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run(root, out, "--seed", "7")
     assert not list(out.glob("*.tmp"))  # temporary files cleaned up
-    with pytest.raises(FileNotFoundError, match="run `python prepare.py` first"):
+    with pytest.raises(ValueError,
+                       match="meta.json missing.*run `python prepare.py --out .*` first"):
         prepare.load_meta(out)  # the old meta.json no longer vouches for a mixed directory
 
 

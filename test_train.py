@@ -16,38 +16,23 @@ from modernbert import Config, ModernBERT
 HERE = Path(__file__).resolve().parent
 
 
-def write_data(path, doc_lengths, val_lengths=(40, 50, 60), vocab=320, seed=0):
-    """A data directory in prepare.py's format: random ordinary ids, each document [CLS] ... [SEP]."""
-    path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    meta = {"vocab_size": vocab, "tokenizer_vocab_size": vocab, "dtype": "uint16",
-            "cls_id": 0, "sep_id": 1, "pad_id": 2, "mask_id": 3, "unk_id": 4, "splits": {}}
-    for split, lengths in (("train", doc_lengths), ("val", val_lengths)):
-        docs = [np.concatenate([[0], rng.integers(5, vocab, n - 2), [1]]) for n in lengths]
-        np.concatenate(docs).astype(np.uint16).tofile(path / f"{split}.bin")
-        np.save(path / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        meta["splits"][split] = {"docs": len(lengths), "tokens": int(sum(lengths))}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
-
-
 def tiny_args(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--seq_len", "32", "--tokens", "100000",
-            "--lr", "3e-3", "--warmup_tokens", "256", "--batch_size", "4", "--min_batch_size", "2",
-            "--batch_warmup_tokens", "256", "--micro_batch", "2", "--eval_tokens", "128", "--eval_every", "3",
-            "--ckpt_every", "2", "--device", "cpu", "--dtype", "fp32", *extra]
-
-
-def log_of(out, phase):
-    return [json.loads(line) for line in (Path(out) / f"phase{phase}" / "log.jsonl").read_text().splitlines()]
-
-
-def losses(out, phase=1):
-    return [(r["step"], r["loss"]) for r in log_of(out, phase) if "loss" in r]
+    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--seq_len", "32",
+            "--tokens", "100000", "--lr", "3e-3", "--warmup_tokens", "256", "--batch_size", "4",
+            "--min_batch_size", "2", "--batch_warmup_tokens", "256", "--micro_batch", "2",
+            "--eval_tokens", "128", "--eval_every", "3", "--ckpt_every", "2", "--device", "cpu",
+            "--dtype", "fp32", *extra]
 
 
 @pytest.fixture
-def data(tmp_path):
+def losses(log_of):
+    def losses(out, phase=1):
+        return [(r["step"], r["loss"]) for r in log_of(out, phase) if "loss" in r]
+    return losses
+
+
+@pytest.fixture
+def data(tmp_path, write_data):
     rng = np.random.default_rng(1)
     return write_data(tmp_path / "data", rng.integers(5, 90, 200).tolist())
 
@@ -60,30 +45,35 @@ def test_lr_schedule_hand_picked_points():
     assert train.lr_at(1, 1000, 1e-3, 1000, 10_000) == pytest.approx(1e-3)
     assert train.lr_at(1, 9000, 1e-3, 1000, 10_000) == pytest.approx(1e-3)
     # phase 2: constant from the first token
-    assert train.lr_at(2, 1, 3e-4, 0, 10_000) == train.lr_at(2, 10_000, 3e-4, 0, 10_000) == pytest.approx(3e-4)
+    assert train.lr_at(2, 1, 3e-4, 0, 10_000) == train.lr_at(2, 10_000, 3e-4, 0, 10_000) \
+        == pytest.approx(3e-4)
     # phase 3: 1 - sqrt decay to 0.001 x peak: at t/T = 1/4, sqrt = 1/2
     assert train.lr_at(3, 0, 3e-4, 0, 10_000) == pytest.approx(3e-4)
     assert train.lr_at(3, 2500, 3e-4, 0, 10_000) == pytest.approx(3e-4 * (0.001 + 0.999 * 0.5))
     assert train.lr_at(3, 10_000, 3e-4, 0, 10_000) == pytest.approx(3e-7)
-    assert train.lr_at(3, 12_000, 3e-4, 0, 10_000) == pytest.approx(3e-7)  # an overshooting last batch
+    # an overshooting last batch
+    assert train.lr_at(3, 12_000, 3e-4, 0, 10_000) == pytest.approx(3e-7)
 
 
 def test_linear_schedule_hand_picked_points():
     """BERT's shape: warmup over 100 tokens, then a straight line to 0 at the 1000th token."""
     lr = lambda t, phase=1, warmup=100: train.lr_at(phase, t, 1.0, warmup, 1000, "linear")
-    assert [lr(50), lr(100), lr(550), lr(1000), lr(1200)] == pytest.approx([0.5, 1.0, 0.5, 0.0, 0.0])
-    assert [lr(0, 2, 0), lr(250, 2, 0), lr(750, 3, 0)] == pytest.approx([1.0, 0.75, 0.25])  # later phases: no warmup
+    assert [lr(50), lr(100), lr(550), lr(1000), lr(1200)] == \
+        pytest.approx([0.5, 1.0, 0.5, 0.0, 0.0])
+    # later phases: no warmup
+    assert [lr(0, 2, 0), lr(250, 2, 0), lr(750, 3, 0)] == pytest.approx([1.0, 0.75, 0.25])
 
 
 def test_phase_defaults_keep_the_papers_relations():
-    phase1 = dict(train.EVERY_PRESET, seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32,
-                  min_batch_size=8, batch_warmup_tokens=5000, micro_batch=8)
+    phase1 = train.RunSettings(**{**vars(train.preset_settings("laptop")), **dict(
+        seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32, min_batch_size=8,
+        batch_warmup_tokens=5000, micro_batch=8)})
     phase2 = train.derived_settings(2, phase1)
-    assert (phase2["seq_len"], phase2["tokens"], phase2["lr"]) == (2048, 250_000, pytest.approx(3e-4))
-    assert (phase2["batch_size"], phase2["min_batch_size"], phase2["micro_batch"]) == (4, 4, 1)
-    assert phase2["warmup_tokens"] == 0
+    assert (phase2.seq_len, phase2.tokens, phase2.lr) == (2048, 250_000, pytest.approx(3e-4))
+    assert (phase2.batch_size, phase2.min_batch_size, phase2.micro_batch) == (4, 4, 1)
+    assert phase2.warmup_tokens == 0
     phase3 = train.derived_settings(3, phase2)
-    assert (phase3["seq_len"], phase3["tokens"], phase3["lr"]) == (2048, 50_000, pytest.approx(3e-4))
+    assert (phase3.seq_len, phase3.tokens, phase3.lr) == (2048, 50_000, pytest.approx(3e-4))
 
 
 def test_each_preset_continues_at_the_papers_phase_2_and_3_rates():
@@ -94,11 +84,12 @@ def test_each_preset_continues_at_the_papers_phase_2_and_3_rates():
                 "laptop": (1e-3, 1e-5, 3.75e-4, 1e-5)}
     for preset, (lr1, wd1, lr2, wd2) in expected.items():
         phase1 = train.phase_settings(train.get_args(["--preset", preset]), train.PhaseStart(), 1)
-        assert (phase1["lr"], phase1["weight_decay"]) == (lr1, wd1)
+        assert (phase1.lr, phase1.weight_decay) == (lr1, wd1)
         phase2 = train.derived_settings(2, phase1)
         phase3 = train.derived_settings(3, phase2)
         for later in (phase2, phase3):
-            assert (later["lr"], later["weight_decay"]) == (pytest.approx(lr2), pytest.approx(wd2)), preset
+            assert (later.lr, later.weight_decay) == (pytest.approx(lr2),
+                                                      pytest.approx(wd2)), preset
 
 
 def test_batch_size_warmup_sizes():
@@ -125,12 +116,13 @@ def test_batch_size_warmup_gives_base_equal_steps_per_size():
         assert abs(steps[size] - 50e9 / (1024 * 11520)) <= 1, (size, steps[size])
 
 
-def test_batch_warmup_and_token_accounting_in_a_run(tmp_path):
+def test_batch_warmup_and_token_accounting_in_a_run(tmp_path, write_data, log_of):
     # Every document exactly one row long, so a step of b sequences is exactly 32 b tokens.
     data = write_data(tmp_path / "data", [32] * 50)
     out = tmp_path / "out"
-    train.main(tiny_args(data, out, "--min_batch_size", "2", "--batch_size", "6", "--batch_warmup_tokens", "192",
-                         "--warmup_tokens", "320", "--lr", "1e-3", "--max_steps", "5"))
+    train.main(tiny_args(data, out, "--min_batch_size", "2", "--batch_size", "6",
+                         "--batch_warmup_tokens", "192", "--warmup_tokens", "320", "--lr", "1e-3",
+                         "--max_steps", "5"))
     steps = [r for r in log_of(out, 1) if "loss" in r]
     # by hand: sizes 2 and 4 held for 192 * 2/6 = 64 and 192 * 4/6 = 128 tokens (one step each):
     # t=0 -> 2, 64 -> 4, 192 -> 6, 384 -> 6, 576 -> 6
@@ -146,13 +138,16 @@ def test_masking_statistics():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 320, 300_000)
     ids[rng.random(len(ids)) < 0.2] = rng.choice([0, 1, 2], 1)[0]  # plenty of [CLS]/[SEP]/[PAD]
-    special, ordinary = train.special_and_ordinary_ids({"vocab_size": 320, "cls_id": 0, "sep_id": 1, "pad_id": 2,
-                                                        "mask_id": 3, "unk_id": 4})
+    special, ordinary = train.special_and_ordinary_ids({"vocab_size": 320,
+                                                        "tokenizer_vocab_size": 320, "cls_id": 0,
+                                                        "sep_id": 1, "pad_id": 2, "mask_id": 3,
+                                                        "unk_id": 4})
     inputs, labels = train.mask_tokens(ids, np.random.default_rng(1), 0.3, 3, special, ordinary)
     is_special = ids < 5
     selected = labels != -100
     assert not (selected & is_special).any()
-    assert (inputs[is_special] == ids[is_special]).all() and (inputs[~selected] == ids[~selected]).all()
+    assert (inputs[is_special] == ids[is_special]).all() and \
+        (inputs[~selected] == ids[~selected]).all()
     assert (labels[selected] == ids[selected]).all()
     assert selected.sum() / (~is_special).sum() == pytest.approx(0.3, abs=0.005)
     chosen, original = inputs[selected], ids[selected]
@@ -160,7 +155,8 @@ def test_masking_statistics():
     swapped = (chosen != 3) & (chosen != original)
     assert swapped.mean() == pytest.approx(0.1 * (1 - 1 / len(ordinary)), abs=0.01)
     assert (chosen == original).mean() == pytest.approx(0.1 + 0.1 / len(ordinary), abs=0.01)
-    assert (chosen[swapped] >= 5).all() and (chosen[swapped] < 320).all()  # random tokens are ordinary ones
+    # random tokens are ordinary ones
+    assert (chosen[swapped] >= 5).all() and (chosen[swapped] < 320).all()
     _, labels15 = train.mask_tokens(ids, np.random.default_rng(2), 0.15, 3, special, ordinary)
     assert (labels15 != -100).sum() / (~is_special).sum() == pytest.approx(0.15, abs=0.005)
 
@@ -184,10 +180,12 @@ def test_packing_keeps_every_token_once_and_reports_efficiency():
     tokens = np.arange(offsets[-1]) % 1000
     batch_rows = rows[:3]
     ids, cu_seqlens, _ = train.to_device([train.gather(tokens, r) for r in batch_rows],
-                                         [train.gather(tokens, r) for r in batch_rows], batch_rows, "cpu")
+                                         [train.gather(tokens, r) for r in batch_rows],
+                                         batch_rows, "cpu")
     expected = [tokens[s:s + n] for r in batch_rows for s, n in r]
     assert cu_seqlens.dtype == torch.int32
-    assert cu_seqlens.tolist() == np.concatenate([[0], np.cumsum([len(e) for e in expected])]).tolist()
+    assert cu_seqlens.tolist() == \
+        np.concatenate([[0], np.cumsum([len(e) for e in expected])]).tolist()
     assert np.array_equal(ids.numpy(), np.concatenate(expected))
 
 
@@ -209,7 +207,7 @@ def test_eval_set_is_fixed_across_row_lengths(data):
     assert sets[0] == sets[1] and len(sets[0]) > 0
 
 
-def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path):
+def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path, write_data):
     """Seven rows, taken three at a time for 18 rows: every row exactly once in each of epochs 0
     and 1, then 4 rows of epoch 2; each epoch in a different order; the same rows however the
     takes are split and for a second TrainData with the same seed; and a row's mask in epoch 1
@@ -220,7 +218,7 @@ def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path):
     assert len(data.rows) == 7
     keys, position = [], [0, 0]
     for _ in range(6):
-        taken, position = data.take(position, 3)
+        taken, position = data.next_rows(position, 3)
         keys += taken
     assert position == [2, 4]
     assert [epoch for epoch, _ in keys] == [0] * 7 + [1] * 7 + [2] * 4
@@ -228,13 +226,13 @@ def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path):
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(7))  # every row once per epoch
     assert orders[0] != orders[1] and orders[0][:4] != orders[2] and orders[1][:4] != orders[2]
     again = train.TrainData(path, meta, 32, seed=5, phase=1, mask_rate=0.3)
-    assert again.take([0, 0], 18) == (keys, [2, 4])
+    assert again.next_rows([0, 0], 18) == (keys, [2, 4])
     for row in range(7):
         labels = [data.batch([(epoch, row)], "cpu")[2] for epoch in (0, 1, 0)]
         assert not torch.equal(labels[0], labels[1]) and torch.equal(labels[0], labels[2]), row
 
 
-def test_eval_set_split_across_ranks_and_masked_at_15_percent(tmp_path):
+def test_eval_set_split_across_ranks_and_masked_at_15_percent(tmp_path, write_data):
     """Two ranks' eval batches hold, together, exactly the one-process eval set's pieces (ids and
     labels), each once; the eval masks 15% of the ordinary tokens (not training's 30%), and of
     those 80% become [MASK]. About 40k val tokens: 15% +- 1% is over 5 standard deviations."""
@@ -243,7 +241,8 @@ def test_eval_set_split_across_ranks_and_masked_at_15_percent(tmp_path):
 
     def pieces(rank, world):  # this rank's eval set as sorted (ids, labels) tuples, one per piece
         out = []
-        for ids, cu_seqlens, labels in train.eval_batches(path, meta, 64, 40_000, 4, rank, world, "cpu"):
+        for ids, cu_seqlens, labels in train.eval_batches(path, meta, 64, 40_000, 4, rank, world,
+                                                          "cpu"):
             for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
                 out.append((tuple(ids[a:b].tolist()), tuple(labels[a:b].tolist())))
         return out
@@ -268,14 +267,16 @@ def optimi_stableadamw_step(p, g, state, lr, max_lr, weight_decay, beta1=0.9, be
     (_single_param_stableadamw, decouple_lr=True) and optimi/utils.py (debias_beta). Returns
     (new p, whether the update was clipped). state: dict of step, exp_avg, exp_avg_sq."""
     state["step"] = t = state.get("step", 0) + 1
-    debias_beta = lambda beta: (beta ** t - beta) / (beta ** t - 1)  # Adam's bias correction, in beta
+    # Adam's bias correction, in beta
+    debias_beta = lambda beta: (beta ** t - beta) / (beta ** t - 1)
     beta1_hat, beta2_hat = debias_beta(beta1), debias_beta(beta2)
     exp_avg = state["exp_avg"] = state.get("exp_avg", torch.zeros_like(p)).lerp(g, 1 - beta1_hat)
     exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(p)) * beta2_hat + (1 - beta2_hat) * g * g
     state["exp_avg_sq"] = exp_avg_sq
     rms = float((g ** 2 / exp_avg_sq.clamp(min=eps ** 2)).mean().sqrt())  # per tensor
     clipped_lr = lr / max(1.0, rms)
-    p = p * (1 - (clipped_lr / max_lr) * weight_decay)  # decayed with the clipped lr, as optimi does
+    # decayed with the clipped lr, as optimi does
+    p = p * (1 - (clipped_lr / max_lr) * weight_decay)
     return p - clipped_lr * exp_avg / (exp_avg_sq.sqrt() + eps), rms > 1
 
 
@@ -315,14 +316,15 @@ def test_stable_adamw_matches_optimi_per_tensor_clipping():
     assert clipped == ["", "a", "", "c"]  # the case this test is about did happen
 
 
-def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp_path):
+def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp_path, log_of):
     """--optimizer adamw --grad_clip: one training step of train.py (two micro-batches) against the
     step written out by hand from the same initial weights and batch: the gradient of the whole
     batch scaled to norm 0.05 (a clip this small always bites), then Adam with betas (0.9, 0.999),
     eps 1e-6 and decoupled decay lr * 0.01 on the matrices only."""
     out = tmp_path / "out"
-    train.main(tiny_args(data, out, "--optimizer", "adamw", "--grad_clip", "0.05", "--weight_decay", "0.01",
-                         "--dropout", "0", "--max_steps", "1", "--min_batch_size", "4"))
+    train.main(tiny_args(data, out, "--optimizer", "adamw", "--grad_clip", "0.05",
+                         "--weight_decay", "0.01", "--dropout", "0", "--max_steps", "1",
+                         "--min_batch_size", "4"))
     step = [r for r in log_of(out, 1) if "loss" in r][0]
     ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
     s = ckpt["run"]
@@ -330,7 +332,7 @@ def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp
     model = ModernBERT(Config(**ckpt["config"]))
     meta = train.load_meta(data)
     train_data = train.TrainData(data, meta, s["seq_len"], s["seed"], 1, s["mask_rate"])
-    keys, _ = train_data.take([0, 0], 4)
+    keys, _ = train_data.next_rows([0, 0], 4)
     micro = [train_data.batch(keys[i:i + 2], "cpu") for i in (0, 2)]
     train.forward_backward(model, micro, 1, train.nullcontext)
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -344,16 +346,18 @@ def test_adamw_with_clipping_is_berts_step_on_the_accumulated_gradient(data, tmp
             m_hat, v_hat = m / 0.1, v / 0.001                     # bias correction at t = 1
             decay = 0.01 if p.dim() >= 2 else 0.0
             expected = p * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + 1e-6)
-            torch.testing.assert_close(ckpt["model"][name], expected, atol=2e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(ckpt["model"][name], expected, atol=2e-6, rtol=1e-5,
+                                       msg=name)
 
 
-def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tmp_path):
+def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tmp_path, log_of):
     """Each BERT switch: in the run settings (log and checkpoint) or the model config; kept by
     --resume (a different value is refused) and by phase 2; the LR follows the linear shape."""
     out = tmp_path / "out"
-    flags = ["--optimizer", "adamw", "--grad_clip", "1", "--schedule", "linear", "--dropout_mode", "bert",
-             "--positions", "learned", "--mlp", "gelu", "--bias", "on", "--prenorm", "off",
-             "--global_every", "1", "--tokens", "1200", "--batch_warmup_tokens", "0", "--min_batch_size", "4"]
+    flags = ["--optimizer", "adamw", "--grad_clip", "1", "--schedule", "linear",
+             "--dropout_mode", "bert", "--positions", "learned", "--mlp", "gelu", "--bias", "on",
+             "--prenorm", "off", "--global_every", "1", "--tokens", "1200",
+             "--batch_warmup_tokens", "0", "--min_batch_size", "4"]
     train.main(tiny_args(data, out, *flags, "--max_steps", "3"))
     train.main(tiny_args(data, out, *flags, "--resume"))
     start = log_of(out, 1)[0]
@@ -361,7 +365,8 @@ def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tm
     ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
     for settings in (start["settings"], ckpt["run"]):
         assert {k: settings[k] for k in recipe} == recipe
-    model = dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1, bert_dropout=True)
+    model = dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1,
+                 bert_dropout=True)
     assert {k: ckpt["config"][k] for k in model} == model
     assert "exp_avg" in ckpt["optimizer"]["state"][0]  # torch's AdamW, not StableAdamW ("m", "v")
     steps = [r for r in log_of(out, 1) if "loss" in r]
@@ -371,19 +376,20 @@ def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tm
     assert steps[-1]["lr"] == 0.0
     with pytest.raises(SystemExit, match="--schedule wsd differs from linear"):
         train.main(tiny_args(data, out, *flags, "--resume", "--schedule", "wsd"))
-    train.main(["--data", str(data), "--out", str(out), "--phase", "2", "--device", "cpu", "--dtype", "fp32",
-                "--eval_tokens", "128", "--seq_len", "32", "--max_steps", "1"])
+    train.main(["--data", str(data), "--out", str(out), "--phase", "2", "--device", "cpu",
+                "--dtype", "fp32", "--eval_tokens", "128", "--seq_len", "32", "--max_steps", "1"])
     assert {k: log_of(out, 2)[0]["settings"][k] for k in recipe} == recipe
     default = train.phase_settings(train.get_args([]), train.PhaseStart(), 1)
-    assert {k: default[k] for k in recipe} == dict(optimizer="stableadamw", grad_clip=0.0, schedule="wsd",
-                                                   dropout_mode="modernbert")
+    assert {k: getattr(default, k) for k in recipe} == \
+        dict(optimizer="stableadamw", grad_clip=0.0, schedule="wsd", dropout_mode="modernbert")
 
 
 def test_weight_decay_groups():
     model = ModernBERT(Config(vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=16, window=4))
     opt = train.make_optimizer(model, 1e-3, 1e-5)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
-    assert id(model.tok_embeddings.weight) in decayed and id(model.layers[0].attn.Wqkv.weight) in decayed
+    assert id(model.tok_embeddings.weight) in decayed and \
+        id(model.layers[0].attn.Wqkv.weight) in decayed
     assert id(model.decoder.bias) not in decayed and id(model.final_norm.weight) not in decayed
     assert opt.param_groups[1]["weight_decay"] == 0.0
 
@@ -400,19 +406,20 @@ def test_layer_map_hand_worked():
     """layer_map against the official mapping for several depths, ties included, and by hand."""
     for old, new in [(22, 28), (2, 3), (2, 4), (6, 8), (4, 4), (3, 6), (1, 5), (10, 12), (22, 44)]:
         assert train.layer_map(old, new) == official_layer_map(old, new), (old, new)
-    assert train.layer_map(22, 28) == [0, 1, 2, 2, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12, 13, 13, 14, 15, 16, 16,
-                                       17, 18, 19, 20, 20, 21]
+    assert train.layer_map(22, 28) == [0, 1, 2, 2, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12, 13, 13,
+                                       14, 15, 16, 16, 17, 18, 19, 20, 20, 21]
     assert train.layer_map(2, 3) == [0, 1, 1]  # 2/3 -> 1, 4/3 -> 1
-    # ties: 2 -> 4 is 0, 0.5, 1, 1.5 -> 0, 0, 1, 2 (halves to even); 6 -> 8 has 1.5 -> 2 and 4.5 -> 4
+    # ties: 2 -> 4 is 0, 0.5, 1, 1.5 -> 0, 0, 1, 2 (halves to even);
+    # 6 -> 8 has 1.5 -> 2 and 4.5 -> 4
     assert train.layer_map(2, 4) == [0, 0, 1, 2]
     assert train.layer_map(6, 8) == [0, 1, 2, 2, 3, 4, 4, 5]
 
 
 def official_tile(old, shape):
-    """The official "tile_weights_from_middle", transcribed as plain loops from AnswerDotAI/ModernBERT
-    src/bert_layers/initialization.py (_tile_1d, _tile_2d): the old tensor at offset (new - old) // 2,
-    the slots left of it filled walking leftwards from its last element, those right of it walking
-    rightwards from its first; a matrix's columns first, then its rows."""
+    """The official "tile_weights_from_middle", transcribed as plain loops from
+    AnswerDotAI/ModernBERT src/bert_layers/initialization.py (_tile_1d, _tile_2d): the old tensor at
+    offset (new - old) // 2, the slots left of it filled walking leftwards from its last element,
+    those right of it walking rightwards from its first; a matrix's columns first, then its rows."""
     if old.dim() == 1:
         n_old, n_new = len(old), shape[0]
         offset = (n_new - n_old) // 2
@@ -460,11 +467,12 @@ def test_tiling_to_the_same_shape_is_the_identity():
 
 
 def test_tiling_splits_fused_tensors_and_maps_layers():
-    """tile_state_dict against the official loops: Wqkv tiled as Q, K and V, GeGLU's Wi as its input and
-    gate halves, every other tensor whole; new layer i from old layer official_layer_map[i]; the
-    vocabulary untouched and the decoder tied."""
+    """tile_state_dict against the official loops: Wqkv tiled as Q, K and V, GeGLU's Wi as its
+    input and gate halves, every other tensor whole; new layer i from old layer
+    official_layer_map[i]; the vocabulary untouched and the decoder tied."""
     small = Config(vocab_size=64, n_layers=2, d_model=8, n_heads=2, d_ff=8, window=4)
-    big = Config(vocab_size=64, n_layers=3, d_model=12, n_heads=3, d_ff=13, window=4)  # d_ff grows by 5
+    # d_ff grows by 5
+    big = Config(vocab_size=64, n_layers=3, d_model=12, n_heads=3, d_ff=13, window=4)
     old, new = ModernBERT(small), ModernBERT(big)
     with torch.no_grad():  # random norms: init's ones would hide a norm that is not tiled
         for name, p in old.named_parameters():
@@ -489,7 +497,8 @@ def test_tiling_splits_fused_tensors_and_maps_layers():
     assert torch.equal(state["layers.2.attn_norm.weight"], norm)
     for name in ("embed_norm.weight", "head.norm.weight"):
         assert torch.equal(state[name], official_tile(o[name], (12,))), name
-    assert torch.equal(state["final_norm.weight"], torch.ones(12))  # the official code leaves it fresh
+    # the official code leaves it fresh
+    assert torch.equal(state["final_norm.weight"], torch.ones(12))
     embedding = official_tile(o["tok_embeddings.weight"], (64, 12))           # vocab untouched
     assert torch.equal(state["tok_embeddings.weight"], embedding)
     assert torch.equal(state["decoder.weight"], embedding)
@@ -503,8 +512,9 @@ def test_init_from_tiles_a_smaller_checkpoint(data, tmp_path):
     train.main(tiny_args(data, tmp_path / "small", "--max_steps", "1"))
     small = torch.load(tmp_path / "small" / "phase1" / "ckpt.pt", weights_only=True)
     out = tmp_path / "big"
-    train.main(tiny_args(data, out, "--n_layers", "4", "--d_model", "96", "--d_ff", "128", "--max_steps", "1",
-                         "--lr", "1e-9", "--weight_decay", "0", "--init_from", str(tmp_path / "small" / "phase1" / "ckpt.pt")))
+    train.main(tiny_args(data, out, "--n_layers", "4", "--d_model", "96", "--d_ff", "128",
+                         "--max_steps", "1", "--lr", "1e-9", "--weight_decay", "0",
+                         "--init_from", str(tmp_path / "small" / "phase1" / "ckpt.pt")))
     big = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
     assert big["config"]["d_model"] == 96 and big["config"]["n_layers"] == 4
     expected = official_tile(small["model"]["tok_embeddings.weight"], (320, 96))
@@ -519,7 +529,8 @@ def test_init_from_refuses_a_checkpoint_trained_at_theta_160k(data, tmp_path):
     ckpt["config"]["global_theta"], ckpt["phase"] = 160_000.0, 2
     torch.save(ckpt, tmp_path / "phase2.pt")
     with pytest.raises(SystemExit) as e:
-        train.main(tiny_args(data, tmp_path / "big", "--d_model", "96", "--init_from", str(tmp_path / "phase2.pt")))
+        train.main(tiny_args(data, tmp_path / "big", "--d_model", "96",
+                             "--init_from", str(tmp_path / "phase2.pt")))
     assert "phase-1 checkpoint" in one_line_error(e) and "160000" in one_line_error(e)
     assert not (tmp_path / "big").exists()
 
@@ -529,11 +540,12 @@ def test_the_training_step_computes_each_loss_once(monkeypatch):
     that would keep another (masked tokens x vocabulary) tensor alive through backward."""
     calls = []
     real = torch.nn.functional.cross_entropy
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     model = ModernBERT(Config(vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=16, window=4))
     rng = np.random.default_rng(0)
-    micro = [train.to_device([rng.integers(5, 64, 20)], [rng.integers(5, 64, 20)], [[(0, 20)]], "cpu")
-             for _ in range(3)]
+    micro = [train.to_device([rng.integers(5, 64, 20)], [rng.integers(5, 64, 20)], [[(0, 20)]],
+                             "cpu") for _ in range(3)]
     loss_sum, count = train.forward_backward(model, micro, 1, train.nullcontext)
     assert len(calls) == 3 and count == 60
     logits, _ = model(micro[0][0], cu_seqlens=micro[0][1], labels=micro[0][2])
@@ -544,13 +556,16 @@ def test_bert_model_trains_exports_to_transformers_and_refuses_phase_2(data, tmp
     """--model bert-mini: BERT's parts in train.py's loop; its hf/ is a BERT directory (that
     transformers loads it is test_modernbert's job). Learned positions stop at phase 1's length, so
     phase 2's 8x longer rows are refused with the reason."""
-    train.main(tiny_args(data, tmp_path, "--model", "bert-mini", "--n_layers", "2", "--d_model", "64",
-                         "--d_ff", "96", "--tokens", "600"))
-    assert json.loads((tmp_path / "phase1" / "hf" / "config.json").read_text())["model_type"] == "bert"
+    train.main(tiny_args(data, tmp_path, "--model", "bert-mini", "--n_layers", "2",
+                         "--d_model", "64", "--d_ff", "96", "--tokens", "600"))
+    assert json.loads((tmp_path / "phase1" / "hf" / "config.json").read_text())["model_type"] \
+        == "bert"
     ckpt = torch.load(tmp_path / "phase1" / "ckpt.pt", weights_only=True)
-    assert ckpt["config"]["positions"] == "learned" and ckpt["model"]["pos_embeddings.weight"].shape == (32, 64)
+    assert ckpt["config"]["positions"] == "learned" and \
+        ckpt["model"]["pos_embeddings.weight"].shape == (32, 64)
     with pytest.raises(SystemExit, match="learned positions stop at 32"):
-        train.main(["--data", str(data), "--out", str(tmp_path), "--phase", "2", "--device", "cpu", "--dtype", "fp32"])
+        train.main(["--data", str(data), "--out", str(tmp_path), "--phase", "2", "--device", "cpu",
+                    "--dtype", "fp32"])
 
 
 # ----------------------------------------------------------------------------- resume, DDP
@@ -579,21 +594,23 @@ def test_gradient_accumulation_divides_by_the_global_masked_count():
         torch.testing.assert_close(accumulated[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_exact_resume(data, tmp_path):
+def test_exact_resume(data, tmp_path, losses):
     # dropout stays on (0.1): its draws must repeat too
     train.main(tiny_args(data, tmp_path / "straight", "--max_steps", "6"))
     train.main(tiny_args(data, tmp_path / "resumed", "--max_steps", "3"))
     train.main(tiny_args(data, tmp_path / "resumed", "--max_steps", "6", "--resume"))
     a = torch.load(tmp_path / "straight" / "phase1" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "phase1" / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6 and a["tokens"] == b["tokens"] and a["position"] == b["position"]
+    assert a["step"] == b["step"] == 6 and a["tokens"] == b["tokens"] and \
+        a["position"] == b["position"]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     assert len(losses(tmp_path / "straight")) == 6
 
 
-def test_dropout_on_in_training_off_in_eval_and_new_at_every_step(tmp_path, monkeypatch):
+def test_dropout_on_in_training_off_in_eval_and_new_at_every_step(tmp_path, monkeypatch,
+                                                                  write_data):
     """Every dropout call, recorded in a 4-step run (dropout 0.1, an eval after steps 2 and 4, each
     step one 64-token micro-batch, so every step's masks have one shape): inside the training
     steps dropout is on at p = 0.1 and drops about 10% (12 masks of 64 x 64), also after an eval;
@@ -617,7 +634,8 @@ def test_dropout_on_in_training_off_in_eval_and_new_at_every_step(tmp_path, monk
     monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
     monkeypatch.setattr(train, "forward_backward", forward_backward)
     train.main(tiny_args(data, tmp_path / "out", "--batch_size", "2", "--min_batch_size", "2",
-                         "--micro_batch", "2", "--dropout", "0.1", "--max_steps", "4", "--eval_every", "2"))
+                         "--micro_batch", "2", "--dropout", "0.1", "--max_steps", "4",
+                         "--eval_every", "2"))
     training = [c for c in calls if c[0]]
     evaluating = [c for c in calls if not c[0]]
     assert len(training) == 4 * 3  # 4 steps x 3 layers of the tiny model
@@ -639,21 +657,25 @@ def test_bert_dropout_goes_where_bert_put_it(monkeypatch):
     output, all at p; ModernBERT's mode: the attention output only. Eval mode: none of them, so
     two evals agree exactly, while two training forwards differ."""
     calls = []
-    real_dropout, real_sdpa = torch.nn.functional.dropout, torch.nn.functional.scaled_dot_product_attention
+    real_dropout, real_sdpa = (torch.nn.functional.dropout,
+                               torch.nn.functional.scaled_dot_product_attention)
     monkeypatch.setattr(torch.nn.functional, "dropout",
                         lambda x, p=0.5, training=True, inplace=False:
-                        calls.append(("dropout", p, training)) or real_dropout(x, p, training, inplace))
+                        calls.append(("dropout", p, training)) or
+                        real_dropout(x, p, training, inplace))
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, dropout_p=0.0, **k: calls.append(("probs", dropout_p, True)) or
                         real_sdpa(*a, dropout_p=dropout_p, **k))
     ids = torch.randint(5, 64, (40,))
-    cu_seqlens = torch.tensor([0, 20, 40], dtype=torch.int32)  # equal lengths: one SDPA call per layer
-    for bert, expected in [(True, [("dropout", 0.1, True)] + [("probs", 0.1, True), ("dropout", 0.1, True),
+    # equal lengths: one SDPA call per layer
+    cu_seqlens = torch.tensor([0, 20, 40], dtype=torch.int32)
+    for bert, expected in [(True, [("dropout", 0.1, True)] + [("probs", 0.1, True),
+                                                             ("dropout", 0.1, True),
                                                              ("dropout", 0.1, True)] * 3),
                            (False, [("probs", 0.0, True), ("dropout", 0.1, True)] * 3)]:
         torch.manual_seed(0)
-        model = ModernBERT(Config(vocab_size=64, n_layers=3, d_model=32, n_heads=2, d_ff=48, window=8,
-                                  attn_out_dropout=0.1, bert_dropout=bert))
+        model = ModernBERT(Config(vocab_size=64, n_layers=3, d_model=32, n_heads=2, d_ff=48,
+                                  window=8, attn_out_dropout=0.1, bert_dropout=bert))
         calls.clear()
         a = model.encode(ids, cu_seqlens=cu_seqlens)
         assert calls == expected, (bert, calls)
@@ -662,7 +684,8 @@ def test_bert_dropout_goes_where_bert_put_it(monkeypatch):
         model.eval()
         calls.clear()
         c, d = model.encode(ids, cu_seqlens=cu_seqlens), model.encode(ids, cu_seqlens=cu_seqlens)
-        assert torch.equal(c, d) and all(p == 0 or not on for _, p, on in calls if _ == "probs") and \
+        assert torch.equal(c, d) and \
+            all(p == 0 or not on for _, p, on in calls if _ == "probs") and \
             all(not on for kind, _, on in calls if kind == "dropout")
 
 
@@ -672,7 +695,8 @@ def test_later_phases_continue_weights_and_adam_moments(data, tmp_path):
     on from phase 1's steps."""
     out = tmp_path / "out"
     later = lambda phase, *extra: ["--data", str(data), "--out", str(out), "--phase", str(phase),
-                                   "--device", "cpu", "--dtype", "fp32", "--eval_tokens", "128", *extra]
+                                   "--device", "cpu", "--dtype", "fp32", "--eval_tokens", "128",
+                                   *extra]
     train.main(tiny_args(data, out, "--tokens", "600", "--eval_every", "1000"))
     ckpt = lambda phase: torch.load(out / f"phase{phase}" / "ckpt.pt", weights_only=True)
 
@@ -698,18 +722,18 @@ def test_later_phases_continue_weights_and_adam_moments(data, tmp_path):
     assert_continues(phase2, ckpt(3))
 
 
-def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path):
+def test_ddp_two_processes_equal_one_with_accumulation(data, tmp_path, log_of, losses):
     """One torchrun launch of 2 processes against one process accumulating 4 micro-batches: the
     same weights and losses; the same Adam moments, which hold the gradients themselves (Adam's
     update is almost blind to a gradient's scale, so a wrong factor in the gradient barely moves
     the weights: the moments show it); and the same val loss and accuracy from the ranks' split
     of the eval set, summed over processes."""
-    args = lambda out: tiny_args(data, out, "--batch_size", "4", "--min_batch_size", "4", "--micro_batch", "1",
-                                 "--dropout", "0", "--max_steps", "3")
+    args = lambda out: tiny_args(data, out, "--batch_size", "4", "--min_batch_size", "4",
+                                 "--micro_batch", "1", "--dropout", "0", "--max_steps", "3")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(HERE / "train.py"), *args(tmp_path / "ddp")], cwd=HERE, env=env, timeout=300,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(HERE / "train.py"), *args(tmp_path / "ddp")],
+                         cwd=HERE, env=env, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     train.main(args(tmp_path / "single"))  # 4 micro-batches of 1, accumulated
     a = torch.load(tmp_path / "ddp" / "phase1" / "ckpt.pt", weights_only=True)
@@ -741,39 +765,28 @@ def one_line_error(excinfo):
 
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "-1"], "--lr must be positive"), (["--lr", "nan"], "--lr must be positive"),
-    (["--batch_size", "0"], "--batch_size must be at least 1"), (["--seq_len", "1"], "--seq_len must be at least 16"),
-    (["--n_heads", "3"], "d_model 256 is not divisible by n_heads 3"), (["--window", "7"], "window 7 must be even"),
-    (["--dropout", "1"], "--dropout must be in [0, 1)"), (["--mask_rate", "0"], "--mask_rate must be in (0, 1)"),
-    (["--weight_decay", "-0.1"], "--weight_decay must be at least 0"), (["--tokens", "0"], "--tokens must be"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--seq_len", "1"], "--seq_len must be at least 16"),
+    (["--n_heads", "3"], "d_model 256 is not divisible by n_heads 3"),
+    (["--window", "7"], "window 7 must be even"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--mask_rate", "0"], "--mask_rate must be in (0, 1)"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be at least 0"),
+    (["--tokens", "0"], "--tokens must be"),
     (["--micro_batch", "8", "--batch_size", "4"], "--micro_batch 8 is larger than --batch_size 4"),
     (["--eval_every", "0"], "--eval_every must be at least 1")])
-def test_bad_flags_are_one_argparse_error_before_anything_is_read_or_written(flags, message, tmp_path, capsys):
+def test_bad_flags_are_one_argparse_error_before_anything_is_read_or_written(
+        flags, message, tmp_path, capsys, write_data):
     data = write_data(tmp_path / "data", [40] * 20)
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(data), "--out", str(tmp_path / "out"), *flags])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"train.py: error: {message}")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"train.py: error: {message}")
     assert not (tmp_path / "out").exists()
 
 
-class CodeOnLoad:
-    """Unpickling this creates a file: what a malicious checkpoint could do with pickle."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def crafted_checkpoint(path, marker):
-    torch.save({"config": {}, "model": {}, "run": CodeOnLoad(str(marker))}, path)
-    torch.load(path, weights_only=False)  # the test can fail: a full unpickle runs the code...
-    assert marker.exists()
-    marker.unlink()                       # ...and is undone here
-
-
-def test_a_checkpoint_that_would_run_code_is_refused(data, tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused(data, tmp_path, crafted_checkpoint):
     """Checkpoints are read with weights_only=True: tensors and plain containers only. A crafted
     file is a one-line error wherever train.py reads one (--resume, --init_from, the previous
     phase), and the code in it never runs."""
@@ -823,9 +836,27 @@ def test_corrupted_or_incompatible_checkpoint_is_refused_and_kept(data, tmp_path
     assert ckpt.read_bytes() == good[: len(good) // 2]
 
 
+def test_a_checkpoint_of_another_train_py_version_is_refused_with_what_to_do(data, tmp_path):
+    """Run settings are exactly SETTINGS' names: a checkpoint whose settings lack one (written
+    before it existed) is not filled in with a guess, it is refused, saying to run again."""
+    out = tmp_path / "out"
+    train.main(tiny_args(data, out, "--max_steps", "2"))
+    ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
+    assert set(ckpt["run"]) == {s.name for s in train.SETTINGS}
+    del ckpt["run"]["schedule"]
+    torch.save(ckpt, out / "phase1" / "ckpt.pt")
+    for argv in (tiny_args(data, out, "--max_steps", "4", "--resume"),
+                 ["--data", str(data), "--out", str(out), "--phase", "2"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert "another version of train.py" in one_line_error(e) and \
+            "schedule" in one_line_error(e)
+    assert not (out / "phase2").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     poisoned = {"on": False}
-    real_save, real_ce = train.save_checkpoint, torch.nn.functional.cross_entropy
+    real_save, real_ce = train.save_atomic, torch.nn.functional.cross_entropy
 
     def save_then_poison(path, state):
         real_save(path, state)
@@ -835,7 +866,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
         loss = real_ce(*args, **kwargs)
         return loss * float("nan") if poisoned["on"] else loss
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_poison)
+    monkeypatch.setattr(train, "save_atomic", save_then_poison)
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -877,13 +908,14 @@ def stdlib_data(tmp_path_factory):
     return out
 
 
-def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path):
+def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path, log_of):
     out = tmp_path / "out"
     common = ["--data", str(stdlib_data), "--out", str(out), "--device", "cpu", "--dtype", "fp32",
               "--eval_tokens", "8192", "--eval_every", "1000"]
-    result = train.main(common + ["--model", "tiny", "--seq_len", "128", "--tokens", "80000", "--lr", "5e-3",
-                                  "--warmup_tokens", "8000", "--batch_size", "16", "--min_batch_size", "8",
-                                  "--batch_warmup_tokens", "8000", "--micro_batch", "8"])
+    result = train.main(common + ["--model", "tiny", "--seq_len", "128", "--tokens", "80000",
+                                  "--lr", "5e-3", "--warmup_tokens", "8000", "--batch_size", "16",
+                                  "--min_batch_size", "8", "--batch_warmup_tokens", "8000",
+                                  "--micro_batch", "8"])
     log = log_of(out, 1)
     steps = [r["loss"] for r in log if "loss" in r]
     assert result["finished"] and len(steps) >= 30
@@ -893,14 +925,17 @@ def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path):
     train.main(common + ["--phase", "2"])
     train.main(common + ["--phase", "3"])
     phase1, phase3 = (torch.load(out / f"phase{n}" / "ckpt.pt", weights_only=True) for n in (1, 3))
-    assert phase1["config"]["global_theta"] == 10_000 and phase3["config"]["global_theta"] == 160_000
+    assert phase1["config"]["global_theta"] == 10_000 and \
+        phase3["config"]["global_theta"] == 160_000
     assert phase3["config"]["local_theta"] == 10_000 and phase3["run"]["seq_len"] == 1024
-    assert phase3["run"]["tokens"] == int(int(80000 * 250 / 1719) * 50 / 250)  # the paper's proportions
+    # the paper's proportions
+    assert phase3["run"]["tokens"] == int(int(80000 * 250 / 1719) * 50 / 250)
     last = [r for r in log_of(out, 3) if "loss" in r][-1]
     assert last["lr"] == pytest.approx(0.001 * phase3["run"]["lr"])
     assert phase3["run"]["lr"] == pytest.approx(5e-3 * 3 / 8)
     hf = ModernBERT.from_pretrained(out / "phase3" / "hf")
-    assert (out / "phase3" / "hf" / "tokenizer.json").exists() == (Path(stdlib_data) / "tokenizer.json").exists()
+    assert (out / "phase3" / "hf" / "tokenizer.json").exists() == \
+        (Path(stdlib_data) / "tokenizer.json").exists()
     for name, tensor in phase3["model"].items():
         assert torch.equal(hf.state_dict()[name], tensor), name
 
@@ -908,7 +943,8 @@ def test_smoke_three_phases_on_the_real_corpus(stdlib_data, tmp_path):
 def test_a_mixed_model_finishes_its_phase_without_a_transformers_export(data, tmp_path):
     """Pre-norm BERT (an ablate.py rung) has no transformers class: the phase still finishes and
     saves its checkpoint; only hf/ is left out."""
-    result = train.main(tiny_args(data, tmp_path, "--model", "bert-mini", "--n_layers", "2", "--d_model", "64",
-                                  "--d_ff", "96", "--prenorm", "on", "--tokens", "600"))
+    result = train.main(tiny_args(data, tmp_path, "--model", "bert-mini", "--n_layers", "2",
+                                  "--d_model", "64", "--d_ff", "96", "--prenorm", "on",
+                                  "--tokens", "600"))
     assert result["finished"] and (tmp_path / "phase1" / "ckpt.pt").exists()
     assert not (tmp_path / "phase1" / "hf").exists()
