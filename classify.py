@@ -343,7 +343,11 @@ def run_one(source, out_dir, settings, resumed, splits, device, bf16):
     torch.manual_seed(settings["seed"])
     model = Classifier(quiet_encoder(encoder), len(task.CLASSES), settings["pooling"],
                        settings["dropout"]).to(device)
-    data = encoded(splits, tokenizer, settings["max_tokens"])
+    max_tokens = min(settings["max_tokens"], encoder.config.max_seq_len)
+    if max_tokens < settings["max_tokens"]:  # learned positions (BERT) stop at the trained length
+        tqdm.write(f"{source}: functions cut to its context of {max_tokens} tokens, not "
+                   f"{settings['max_tokens']}")
+    data = encoded(splits, tokenizer, max_tokens)
     os.makedirs(out_dir, exist_ok=True)
     folder = source if os.path.isdir(source) else os.path.dirname(source)
     tokenizer_file = os.path.join(out_dir, "tokenizer.json")

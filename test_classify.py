@@ -105,6 +105,22 @@ def test_fine_tune_learns_stops_early_and_resumes_exactly(pretrained, tmp_path, 
         assert torch.equal(tensor, best(tmp_path / "cut")[name]), name
 
 
+def test_texts_are_cut_to_a_learned_position_table(pretrained, tmp_path, monkeypatch):
+    """A BERT-mode model's positions stop at its trained length (128 here): --max_tokens beyond
+    it cuts the functions to that length instead of indexing past the table."""
+    long_task = classify.task.load_data
+    splits, info = tiny_task()
+    for e in splits["train"] + splits["dev"] + splits["test"]:
+        e["text"] += "    # " + "padding words " * 100 + "\n"
+    monkeypatch.setattr(classify.task, "load_data", lambda *a: (splits, info))
+    monkeypatch.setattr(classify.task, "data_summary", lambda info: "")
+    assert long_task is not classify.task.load_data
+    results = classify.main(["--init_from", pretrained["bert"], "--out", str(tmp_path), "--epochs",
+                             "1", "--batch_size", "8", "--max_tokens", "400", "--dtype", "fp32",
+                             "--device", "cpu", "--bootstrap", "200"])
+    assert results["systems"][f"{pretrained['bert']}, fine-tuned"]["steps"] == 3
+
+
 def test_predict_prints_label_and_probability(pretrained, tmp_path, monkeypatch, capsys):
     small_run(monkeypatch, pretrained["modernbert"], tmp_path)
     capsys.readouterr()
