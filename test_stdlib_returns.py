@@ -2,7 +2,8 @@
 stdlib_returns.py (classify.py's task) against hand-worked references: stub snippets whose
 classes are written out, a function whose stripped text is written out, tiny stub and source
 trees in tmp_path, the bootstrap against exact distributions (the binomial, and every resample
-of five items enumerated), macro-F1 against scikit-learn, and the real typeshed for a few known functions.
+of five items enumerated), macro-F1 against scikit-learn, and the real typeshed for a few known
+functions.
 """
 import ast
 import itertools
