@@ -19,7 +19,6 @@ OUT/ holds ckpt.pt (the best model, and where training stands), tokenizer.json, 
 and hf/, which transformers' AutoModelForSequenceClassification loads as it is.
 """
 import argparse
-import json
 import math
 import os
 import shutil

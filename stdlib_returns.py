@@ -31,15 +31,12 @@ predictions on
 them, so that a fine-tuned model can be compared with them item by item (paired_bootstrap).
 A model's part plugs in at main: load_data() gives the splits, scores() its row of the table.
 """
-import argparse
 import ast
-import json
 import operator
 import os
 import random
 import re
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 

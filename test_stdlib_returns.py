@@ -5,7 +5,6 @@ trees in tmp_path, the bootstrap against exact distributions (the binomial, and 
 of five items enumerated), macro-F1 against scikit-learn, and the real typeshed for a few known
 functions.
 """
-import ast
 import itertools
 import json
 import os
