@@ -37,8 +37,8 @@ import stdlib_returns as task
 from modernbert import Config, ModernBERT
 from runtime import (DEFAULT_RUN_DIR, autocast_for, device_flag, encode, find_model,
                      load_checkpoint, load_model, model_tokenizer, one_line_errors, pick_device,
-                     pooled, save_atomic, speed_setup, token_budget_runs, tokenizer_config,
-                     truncated, write_json)
+                     planned_run, pooled, save_atomic, speed_setup, token_budget_runs,
+                     tokenizer_config, truncated, write_json)
 from train import make_optimizer
 
 DEFAULTS = dict(epochs=4, batch_size=32, lr=3e-4, warmup=0.06, weight_decay=1e-5, pooling="cls",
@@ -307,27 +307,6 @@ def get_args(argv):
     return args
 
 
-def plan_run(args, source, out_dir):
-    """(settings, resumed checkpoint or None) of one model's run in out_dir."""
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    flags = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
-        raise ValueError(f"{ckpt_path} exists: continue it with --resume, or start over with "
-                         "--overwrite")
-    if not (args.resume and os.path.exists(ckpt_path)):
-        return {**DEFAULTS, **flags}, None
-    resumed = load_checkpoint(ckpt_path)
-    if "labels" not in resumed:
-        raise ValueError(f"{ckpt_path} is not a classify.py checkpoint")
-    for key, value in flags.items():
-        if value != resumed["settings"][key]:
-            raise ValueError(f"--{key} {value} differs from {resumed['settings'][key]} in "
-                             f"{ckpt_path}: --resume keeps its settings")
-    if resumed["init_from"] != source:
-        raise ValueError(f"{ckpt_path} fine-tunes {resumed['init_from']}, not {source}")
-    return resumed["settings"], resumed
-
-
 def encoded(splits, tokenizer, max_tokens):
     """Each split as (token-id sequences cut to max_tokens, label indices)."""
     sep = tokenizer.token_to_id("[SEP]")
@@ -382,7 +361,10 @@ def run_all(args, began):
     device = pick_device(args.device or "auto")
     sources = [] if args.baselines else [find_model(p) for p in [args.init_from, *args.compare]]
     out_dirs = [args.out] + [os.path.join(args.out, f"compare{k}") for k in range(1, len(sources))]
-    runs = [plan_run(args, s, d) for s, d in zip(sources, out_dirs)]
+    runs = [planned_run(args, DEFAULTS, s, d, "classify.py") for s, d in zip(sources, out_dirs)]
+    for (_, resumed), out_dir in zip(runs, out_dirs):
+        if resumed and "labels" not in resumed:
+            raise ValueError(f"{out_dir}/ckpt.pt is not a classify.py checkpoint (no labels)")
     splits, info = task.load_data(args.data, args.split_seed, task.DEFAULTS["test_min"],
                                   task.DEFAULTS["dev_min"])
     print(task.data_summary(info), end="\n\n")

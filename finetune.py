@@ -37,7 +37,7 @@ from codesearch import (MAX_DOC_TOKENS, MAX_QUERY_TOKENS, bm25_scores, code_func
                         gold_ranks, retrieval_metrics)
 from prepare import load_meta, split_files
 from runtime import (DEFAULT_RUN_DIR, autocast_for, device_flag, embed, encode, export_hf,
-                     find_model, load_checkpoint, load_model, one_line_errors, pick_device,
+                     find_model, load_model, one_line_errors, pick_device, planned_run,
                      pooled, save_atomic, speed_setup, truncated)
 from train import make_optimizer
 
@@ -267,31 +267,6 @@ def get_args(argv):
     return args
 
 
-def plan_run(args, source, out_dir):
-    """(settings, resumed checkpoint or None) of one model's run in out_dir."""
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    flags = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
-        raise ValueError(f"{ckpt_path} exists: continue it with --resume, or start over with "
-                         "--overwrite")
-    if not (args.resume and os.path.exists(ckpt_path)):
-        return {**DEFAULTS, **flags}, None
-    try:  # weights_only, one-line errors
-        resumed = load_checkpoint(ckpt_path)
-        settings, init_from = resumed["settings"], resumed["init_from"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"cannot read {ckpt_path} (corrupted, or not a finetune.py checkpoint): "
-                         f"{e}") from None
-    for key, value in flags.items():
-        if value != settings[key]:
-            raise ValueError(f"--{key} {value} differs from {settings[key]} in {ckpt_path}: "
-                             "--resume keeps its settings")
-    if init_from != source:
-        raise ValueError(f"{ckpt_path} fine-tunes {init_from}, not {source}: --resume continues "
-                         "it from where it began")
-    return settings, resumed
-
-
 def markdown_table(rows):
     lines = ["| model | MRR@10 | NDCG@10 | Recall@1 | Recall@10 | seconds |",
              "|---|---|---|---|---|---|"]
@@ -342,7 +317,8 @@ def run_all(args, began):
     sources = [find_model(path) for path in [args.init_from, *args.compare]]
     load_meta(args.data)  # "run prepare.py first"
     out_dirs = [args.out] + [os.path.join(args.out, f"compare{k}") for k in range(1, len(sources))]
-    runs = [plan_run(args, source, out_dir) for source, out_dir in zip(sources, out_dirs)]
+    runs = [planned_run(args, DEFAULTS, source, out_dir, "finetune.py")
+            for source, out_dir in zip(sources, out_dirs)]
     train, test = load_pairs(args.data, runs[0][0]["min_query_words"])
     models = []
     for source, (settings, _) in zip(sources, runs):

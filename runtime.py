@@ -208,6 +208,33 @@ def sentence_transformers_files(config, pooling):
                                                   "default_prompt_name": None}}
 
 
+def planned_run(args, defaults, source, out_dir, script):
+    """(settings, resumed checkpoint or None) of a fine-tune of `source` into out_dir: the
+    defaults with the flags given, or with --resume the checkpoint's own, which the flags may
+    only repeat. finetune.py and classify.py share it."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    flags = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+        raise ValueError(f"{ckpt_path} exists: continue it with --resume, or start over with "
+                         "--overwrite")
+    if not (args.resume and os.path.exists(ckpt_path)):
+        return {**defaults, **flags}, None
+    try:  # weights_only, one-line errors
+        resumed = load_checkpoint(ckpt_path)
+        settings, init_from = resumed["settings"], resumed["init_from"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot read {ckpt_path} (corrupted, or not a {script} checkpoint): "
+                         f"{e}") from None
+    for key, value in flags.items():
+        if value != settings[key]:
+            raise ValueError(f"--{key} {value} differs from {settings[key]} in {ckpt_path}: "
+                             "--resume keeps its settings")
+    if init_from != source:
+        raise ValueError(f"{ckpt_path} fine-tunes {init_from}, not {source}: --resume continues "
+                         "it from where it began")
+    return settings, resumed
+
+
 # ----------------------------------------------------------------------------- a model to use
 
 DEFAULT_RUN_DIR = "out"
