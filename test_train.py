@@ -207,6 +207,25 @@ def test_eval_set_is_fixed_across_row_lengths(data):
     assert sets[0] == sets[1] and len(sets[0]) > 0
 
 
+def test_tune_set_takes_the_next_documents_and_none_of_the_eval_sets():
+    """Hand-worked: documents of 10, 20, 5 and 25 tokens taken in the order 3, 0, 2, 1. The eval
+    set's 30 tokens are all of document 3 and the first 5 of document 0; the tune set starts after
+    them, at document 2, and never reuses the rest of document 0."""
+    offsets = np.array([0, 10, 30, 35, 60])
+    docs, rest = train.first_tokens(np.array([3, 0, 2, 1]), offsets, 30)
+    assert docs == [(35, 60), (0, 5)] and rest.tolist() == [2, 1]
+    tune, left = train.first_tokens(rest, offsets, 30)
+    assert tune == [(30, 35), (10, 30)] and len(left) == 0  # val ran out: 25 tokens, not 30
+
+
+def test_tune_set_as_large_as_the_eval_set_and_refused_when_val_is_used_up(data):
+    meta = train.load_meta(data)  # val: documents of 40, 50 and 60 tokens
+    tokens = lambda b: sum(len(ids) for ids, _, _ in b)
+    assert tokens(train.eval_batches(data, meta, 16, 50, 2, 0, 1, "cpu", tune=True)) == 50
+    with pytest.raises(ValueError, match="no documents beyond"):
+        train.eval_batches(data, meta, 16, 150, 2, 0, 1, "cpu", tune=True)
+
+
 def test_train_data_crosses_epochs_with_a_new_order_and_new_masks(tmp_path, write_data):
     """Seven rows, taken three at a time for 18 rows: every row exactly once in each of epochs 0
     and 1, then 4 rows of epoch 2; each epoch in a different order; the same rows however the

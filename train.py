@@ -179,6 +179,8 @@ def get_args(argv):
     add = p.add_argument_group("running").add_argument
     add("--eval_every", type=int, default=200, help="steps between evals (default: %(default)s)")
     add("--eval_tokens", type=count, default=65536, help="the fixed eval set (default: 65536)")
+    add("--eval_set", choices=["val", "tune"], default="val", help="val: the fixed eval set, "
+        "the README's numbers; tune: as many other val tokens, to choose settings on")
     add("--ckpt_every", type=int, default=200, help="steps between checkpoints (default: 200)")
     add("--max_steps", type=int, help="stop after this step, resumable, even if tokens remain")
     add("--device", type=device_flag, default="auto", help="auto (cuda, mps, cpu) or a device")
@@ -320,7 +322,7 @@ def setup_phase(args, meta, start, device, rank, world):
     model, optimizer = model_and_optimizer(args, meta, start, run, device)
     data = TrainData(args.data, meta, run.seq_len, run.seed, phase, run.mask_rate)
     evals = eval_batches(args.data, meta, run.seq_len, args.eval_tokens, run.micro_batch,
-                         rank, world, device)
+                         rank, world, device, tune=args.eval_set == "tune")
     if use_compile:  # the MLPs: most FLOPs, static enough to compile once (dynamic token count)
         for block in model.layers:
             block.mlp.compile(dynamic=True)
@@ -691,21 +693,37 @@ def to_device(inputs, labels, rows, device):
             torch.from_numpy(np.concatenate(labels)).to(device))
 
 
-def eval_batches(data_dir, meta, seq_len, eval_tokens, micro_batch, rank, world, device):
+def first_tokens(order, offsets, n_tokens):
+    """Documents, in this order, up to n_tokens (the last one cut short, so they hold exactly
+    n_tokens), as (start, end) spans; and the order of the documents they leave untouched."""
+    docs, n = [], 0
+    for i, d in enumerate(order):
+        if n >= n_tokens:
+            return docs, order[i:]
+        start, end = int(offsets[d]), int(min(offsets[d + 1], offsets[d] + n_tokens - n))
+        docs.append((start, end))
+        n += end - start
+    return docs, order[len(order):]
+
+
+def eval_batches(data_dir, meta, seq_len, eval_tokens, micro_batch, rank, world, device,
+                 tune=False):
     """The fixed eval set: val documents in a fixed order up to eval_tokens, 15% masking
     drawn once per token position of the val stream, so the same tokens are masked the same way
-    whatever the row length; packed like training. This rank's share, as device batches."""
+    whatever the row length; packed like training. This rank's share, as device batches.
+    tune: the next eval_tokens of val in that order instead, from documents the eval set does
+    not touch (what --eval_set tune scores, to choose settings on)."""
     tokens, offsets = load_split(data_dir, "val")
     special_ids, ordinary_ids = special_and_ordinary_ids(meta)
     inputs, labels = mask_tokens(tokens.astype(np.int64), np.random.default_rng(EVAL_SEED), 0.15,
                                  meta["mask_id"], special_ids, ordinary_ids)
-    docs, n = [], 0
-    for d in np.random.default_rng(EVAL_SEED).permutation(len(offsets) - 1):
-        if n >= eval_tokens:
-            break
-        start, end = int(offsets[d]), int(min(offsets[d + 1], offsets[d] + eval_tokens - n))
-        docs.append((start, end))  # the last one cut short, so the set holds exactly eval_tokens
-        n += end - start
+    docs, rest = first_tokens(np.random.default_rng(EVAL_SEED).permutation(len(offsets) - 1),
+                              offsets, eval_tokens)
+    if tune:  # settings are chosen on val documents that the reported number never sees
+        docs, _ = first_tokens(rest, offsets, eval_tokens)
+        if not docs:
+            raise ValueError(f"--eval_set tune: val holds no documents beyond the eval set's "
+                             f"{eval_tokens:,} tokens (a smaller --eval_tokens leaves some)")
     pieces = [p for start, end in sorted(docs) for p in document_pieces([start, end], seq_len)]
     rows, _ = pack(pieces, seq_len)
     rows = rows[rank::world]
