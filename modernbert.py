@@ -176,7 +176,11 @@ class Documents:
         self.rope_local = rope_tables(self.positions, config.head_dim, config.local_theta)
         if backend == "sdpa":  # the CPU kernels' gathers and masks, shared by all layers
             self.length_groups = length_groups(self)
-            self.local_mask = local_block_mask(self, config.window // 2)
+            # Documents no longer than twice the window take the global path's dense calls with a
+            # band mask instead: at most 2 x window scores per query, 4/3 of the blocked path's
+            # 3 x half window, but none of its pads, unfolds and per-block masks (faster on CPU).
+            short = self.max_seqlen <= 2 * config.window
+            self.local_mask = None if short else local_block_mask(self, config.window // 2)
         if backend == "flex":  # one block mask per kind of layer; the padding is a document too
             doc = F.pad(self.doc_ids, (0, -len(self.doc_ids) % FLEX_TILE), value=len(seqlens))
             self.flex_global = flex_block_mask(doc, None)
@@ -190,24 +194,22 @@ class Documents:
 # context only needs a larger base (theta): phase 2 raises the global layers' theta to 160k.
 
 def rope_tables(positions, head_dim, theta):
-    """(cos, sin), each (total_tokens, head_dim): the angle of each token at each frequency."""
+    """(cos, signed_sin), each (total_tokens, head_dim): the angle of each token at each frequency,
+    the sine's first half negated (see apply_rope)."""
     pairs = torch.arange(0, head_dim, 2, device=positions.device).float()
     inv_freq = 1.0 / theta ** (pairs / head_dim)
     angles = positions.float()[:, None] * inv_freq                     # (total_tokens, head_dim/2)
-    angles = torch.cat((angles, angles), dim=-1)                         # (total_tokens, head_dim)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rope(x, cos, sin):
-    """Rotates each pair (i, i + head_dim/2) of x: (total_tokens, ..., head_dim), in fp32. The same
-    as x * cos + cat(-second_half, first_half) * sin, without materialising the concatenation."""
+def apply_rope(x, cos, signed_sin):
+    """Rotates each pair (i, i + head_dim/2) of x: (total_tokens, ..., head_dim), in fp32. The
+    usual form is x * cos + cat(-second_half, first_half) * sin; the half swap is a roll and the
+    minus sign lives in the table, which makes it three elementwise ops."""
     x = x.float()
-    cos, sin = (t.view(len(t), *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-    return out
+    cos, signed_sin = (t.view(len(t), *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, signed_sin))
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 # ----------------------------------------------------------------------------- attention
@@ -252,8 +254,8 @@ def attend(q, k, v, docs, half_window, dropout_p=0.0):
         return flex(q, k, v, docs.flex_global if half_window is None else docs.flex_local)
     if docs.backend == "reference":
         return attention_reference(q, k, v, docs, half_window, dropout_p)
-    if half_window is None:
-        return sdpa_global(q, k, v, docs.length_groups, dropout_p)
+    if half_window is None or docs.local_mask is None:
+        return sdpa_global(q, k, v, docs.length_groups, dropout_p, half_window)
     return sdpa_local(q, k, v, docs.local_mask, half_window, dropout_p)
 
 
@@ -572,7 +574,8 @@ def length_groups(docs):
     return order, torch.argsort(order), runs
 
 
-def sdpa_global(q, k, v, groups, dropout_p=0.0):
+def sdpa_global(q, k, v, groups, dropout_p=0.0, half_window=None):
+    """Each run of equal-length documents in one SDPA call; half_window: a local layer's band."""
     order, inverse, runs = groups
     if order is not None:
         q, k, v = q[order], k[order], v[order]
@@ -580,7 +583,9 @@ def sdpa_global(q, k, v, groups, dropout_p=0.0):
     outs = []
     for (n_docs, length), qg, kg, vg in zip(runs, q.split(sizes), k.split(sizes), v.split(sizes)):
         qg, kg, vg = (t.unflatten(0, (n_docs, length)).transpose(1, 2) for t in (qg, kg, vg))
-        out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p)
+        i = torch.arange(length, device=q.device)
+        band = None if half_window is None else (i[:, None] - i[None, :]).abs() <= half_window
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=band, dropout_p=dropout_p)
         outs.append(out.transpose(1, 2).flatten(0, 1))
     out = torch.cat(outs)                                                # (total, heads, head_dim)
     return out if order is None else out[inverse]

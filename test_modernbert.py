@@ -333,12 +333,15 @@ def test_batch_invariance_alone_padded_packed():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_sdpa_kernels_equal_the_attention_definition(name):
+@pytest.mark.parametrize("longest", ["3 windows", "2 windows"])
+def test_sdpa_kernels_equal_the_attention_definition(name, longest):
     """attention_reference is the definition (a dense same-document, |i - j| <= w mask); the
-    SDPA path's global (length-grouped, reordered) and local (blocked) kernels must equal it."""
+    SDPA path's global (length-grouped, reordered) and local kernels must equal it: blocked when a
+    document is longer than two windows, else the global path's calls with a band mask."""
     config = CONFIGS[name]
     model = seeded(config)
-    lengths = [5, 7, 5, 1, 3 * config.window + 1, 7, config.window // 2 + 1]
+    longest = 3 * config.window + 1 if longest == "3 windows" else 2 * config.window
+    lengths = [5, 7, 5, 1, longest, 7, config.window // 2 + 1, config.window + 1]
     ids = torch.randint(3, config.vocab_size, (sum(lengths),),
                         generator=torch.Generator().manual_seed(7))
     cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
@@ -347,6 +350,8 @@ def test_sdpa_kernels_equal_the_attention_definition(name):
         model.backend = "reference"
         definition, _ = model(ids, cu_seqlens=cu)
     assert (fast - definition).abs().max() <= 1e-5
+    blocked = Documents(cu, config, "sdpa").local_mask is not None
+    assert blocked == (longest > 2 * config.window)
 
 
 def test_no_attention_across_documents_in_a_packed_stream():
