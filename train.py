@@ -790,12 +790,14 @@ class StableAdamW(torch.optim.Optimizer):
                 m, v, t = state["m"], state["v"], state["step"]
                 m.lerp_(g, 1 - beta1)                               # m = b1 m + (1 - b1) g
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)       # v = b2 v + (1 - b2) g^2
-                m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
-                rms = (g * g / v_hat.clamp(min=eps ** 2)).mean().sqrt()
+                # Four temporaries, the rest in place: on a CPU the step is memory-bound.
+                v_hat = v / (1 - beta2 ** t)
+                rms = (g * g).div_(v_hat.clamp(min=eps ** 2)).mean().sqrt()
                 clipped_lr = lr / rms.clamp(min=1.0)  # a tensor: no host sync
                 # optimi (and the official code) decay with the clipped step size too
                 p.mul_(1 - clipped_lr / group["max_lr"] * group["weight_decay"])
-                p.sub_(m_hat / (v_hat.sqrt() + eps) * clipped_lr)
+                # p -= m_hat / (sqrt(v_hat) + eps) * clipped_lr, m_hat's 1 / (1 - b1^t) moved
+                p.sub_(m.div(v_hat.sqrt_().add_(eps)).mul_(clipped_lr / (1 - beta1 ** t)))
 
 
 def make_optimizer(model, lr, weight_decay, kind="stableadamw"):
