@@ -68,7 +68,7 @@ CHANGES = [
      dict(optimizer="stableadamw", grad_clip=0.0, weight_decay=1e-5)),
     ("wsd", "warmup-stable-decay LR", "Warmup-stable-decay schedule", dict(schedule="linear"),
      dict(schedule="wsd")),
-    # ModernBERT's: the batch grows from 4 to 16 sequences over half the budget, as in train.py.
+    # ModernBERT's: the batch grows from 4 to 8 sequences over 1/32 of the budget, as in train.py.
     ("batch_warmup", "batch-size warmup", "Batch-size warmup", dict(batch_warmup_tokens=0), {}),
     # Pretraining dropout: BERT 0.1 on embeddings, attention probabilities and both sublayer
     # outputs; ModernBERT 0.1 on the attention output only.
@@ -123,12 +123,14 @@ def rung_change(rung):
 def train_command(rung, seed, args, dtype):
     """The exact train.py command line of one rung: the budget's settings, the rung's flags,
     then anything given after `--`. The budget's settings are train.py's laptop preset scaled to
-    the budget: the LR warmup and the batch warmup keep their shares (50k and 1.6M of 3.2M)."""
-    tokens = args.tokens
+    the budget: the LR warmup and the batch warmup keep their shares of the preset's budget."""
+    tokens, laptop = args.tokens, train.preset_settings("laptop")
+    share = lambda key: tokens * getattr(laptop, key) // laptop.tokens
     flags = {"data": args.data, "out": rung_dir(args.out, rung, seed), "model": "mini",
-             "seed": seed, "tokens": tokens, "warmup_tokens": tokens // 64,
-             "batch_warmup_tokens": tokens // 2, "device": "cpu", "dtype": dtype,
-             "eval_every": max(1, round(tokens / (16 * 256) / EVAL_POINTS)), **rung_flags(rung)}
+             "seed": seed, "tokens": tokens, "warmup_tokens": share("warmup_tokens"),
+             "batch_warmup_tokens": share("batch_warmup_tokens"), "device": "cpu", "dtype": dtype,
+             "eval_every": max(1, round(tokens / (laptop.batch_size * laptop.seq_len)
+                                        / EVAL_POINTS)), **rung_flags(rung)}
     return [sys.executable, os.path.join(HERE, "train.py"), "--phase", "1"] + \
         [part for key, value in flags.items() for part in (f"--{key}", str(value))] + \
         args.train_extra

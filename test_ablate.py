@@ -25,11 +25,11 @@ def run_of(argv):
 
 
 def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path, write_data):
-    """At the default budget (3.2M tokens) the top rung is exactly `python train.py --phase 1`;
+    """At the default budget (6.4M tokens) the top rung is exactly `python train.py --phase 1`;
     the bottom is BERT's parts and recipe; each rung between changes one thing (a change may be
     several flags: the optimizer comes with its clipping and weight decay)."""
     data = write_data(tmp_path / "data", [40] * 10)
-    args = ablate.get_args(["--tokens", "3.2e6", "--data", str(data)])
+    args = ablate.get_args(["--tokens", "6.4e6", "--data", str(data)])
 
     def rung_run(rung):  # (--data, --out, --dtype: not part of the settings or the model)
         return run_of(ablate.train_command(rung, ablate.FIRST_SEED, args, "fp32")[2:])

@@ -73,16 +73,16 @@ ROW = " (a row holds [CLS] ... [SEP] and tokens to mask)"
 SETTINGS = [  # phase-1 values: (laptop, base-24gb, large-24gb), or one value for all three
     Setting("seq_len", (256, 1024, 1024), int, at_least(16, ROW),
             "row length in tokens (phase 2: 8x phase 1's)"),
-    Setting("tokens", (3_200_000, 2 * 10**9, 2 * 10**9), count, at_least(1),
+    Setting("tokens", (6_400_000, 2 * 10**9, 2 * 10**9), count, at_least(1),
             "token budget of the phase (phases 2, 3: the paper's proportions)"),
     Setting("lr", (1e-3, 8e-4, 5e-4), float, POSITIVE,
             "peak learning rate (phases 2, 3: phase 1's x later_lr_factor)"),
     Setting("warmup_tokens", (50_000, 30 * 10**6, 20 * 10**6), count, at_least(0),
             "phase 1: linear LR warmup, in tokens"),
-    Setting("batch_size", (16, 512, 512), int, at_least(1), "global batch in sequences "
+    Setting("batch_size", (8, 512, 512), int, at_least(1), "global batch in sequences "
             "(phase 2: phase 1's / 8)"),
     Setting("min_batch_size", (4, 64, 64), int, at_least(1), "phase 1: batch warmup's start"),
-    Setting("batch_warmup_tokens", (1_600_000, 10**8, 10**8), count, at_least(0),
+    Setting("batch_warmup_tokens", (200_000, 10**8, 10**8), count, at_least(0),
             "phase 1: tokens over which the batch grows"),
     Setting("micro_batch", (4, 8, 4), int, at_least(1), "sequences per forward pass and process"),
     Setting("weight_decay", 1e-5, float, at_least(0), "decoupled weight decay"),
