@@ -181,6 +181,8 @@ class Documents:
             # 3 x half window, but none of its pads, unfolds and per-block masks (faster on CPU).
             short = self.max_seqlen <= 2 * config.window
             self.local_mask = None if short else local_block_mask(self, config.window // 2)
+            self.local_bands = [band_mask(n, config.window // 2, cu_seqlens.device)
+                                for _, n in self.length_groups[2]] if short else None
         if backend == "flex":  # one block mask per kind of layer; the padding is a document too
             doc = F.pad(self.doc_ids, (0, -len(self.doc_ids) % FLEX_TILE), value=len(seqlens))
             self.flex_global = flex_block_mask(doc, None)
@@ -254,8 +256,10 @@ def attend(q, k, v, docs, half_window, dropout_p=0.0):
         return flex(q, k, v, docs.flex_global if half_window is None else docs.flex_local)
     if docs.backend == "reference":
         return attention_reference(q, k, v, docs, half_window, dropout_p)
-    if half_window is None or docs.local_mask is None:
-        return sdpa_global(q, k, v, docs.length_groups, dropout_p, half_window)
+    if half_window is None:
+        return sdpa_global(q, k, v, docs.length_groups, dropout_p)
+    if docs.local_mask is None:
+        return sdpa_global(q, k, v, docs.length_groups, dropout_p, docs.local_bands)
     return sdpa_local(q, k, v, docs.local_mask, half_window, dropout_p)
 
 
@@ -574,18 +578,25 @@ def length_groups(docs):
     return order, torch.argsort(order), runs
 
 
-def sdpa_global(q, k, v, groups, dropout_p=0.0, half_window=None):
-    """Each run of equal-length documents in one SDPA call; half_window: a local layer's band."""
+def band_mask(length, half_window, device):
+    """(length, length): |i - j| <= half_window, a local layer's mask within one document."""
+    i = torch.arange(length, device=device)
+    return (i[:, None] - i[None, :]).abs() <= half_window
+
+
+def sdpa_global(q, k, v, groups, dropout_p=0.0, masks=None):
+    """Each run of equal-length documents in one SDPA call; masks: one per run (a local layer's
+    band masks), or None for global attention."""
     order, inverse, runs = groups
     if order is not None:
         q, k, v = q[order], k[order], v[order]
     sizes = [n_docs * length for n_docs, length in runs]
     outs = []
-    for (n_docs, length), qg, kg, vg in zip(runs, q.split(sizes), k.split(sizes), v.split(sizes)):
+    masks = masks or [None] * len(runs)
+    for (n_docs, length), mask, qg, kg, vg in zip(runs, masks, q.split(sizes), k.split(sizes),
+                                                  v.split(sizes)):
         qg, kg, vg = (t.unflatten(0, (n_docs, length)).transpose(1, 2) for t in (qg, kg, vg))
-        i = torch.arange(length, device=q.device)
-        band = None if half_window is None else (i[:, None] - i[None, :]).abs() <= half_window
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=band, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)
         outs.append(out.transpose(1, 2).flatten(0, 1))
     out = torch.cat(outs)                                                # (total, heads, head_dim)
     return out if order is None else out[inverse]
