@@ -37,8 +37,8 @@ import stdlib_returns as task
 from modernbert import Config, ModernBERT
 from runtime import (DEFAULT_RUN_DIR, autocast_for, device_flag, encode, find_model,
                      load_checkpoint, load_model, model_tokenizer, one_line_errors, pick_device,
-                     planned_run, pooled, save_atomic, speed_setup, token_budget_runs,
-                     tokenizer_config, truncated, write_json)
+                     planned_run, pooled, save_atomic, setting_flags, speed_setup,
+                     token_budget_runs, tokenizer_config, truncated, write_json)
 from train import make_optimizer
 
 DEFAULTS = dict(epochs=4, batch_size=32, lr=3e-4, warmup=0.06, weight_decay=1e-5, pooling="cls",
@@ -274,11 +274,7 @@ def get_args(argv):
         help="classify TEXT with OUT/ckpt.pt (\\n in TEXT is a newline); repeatable")
     add("--resume", action="store_true", help="continue OUT/ckpt.pt (a finished one: evaluated)")
     add("--overwrite", action="store_true", help="start over even if OUT/ckpt.pt exists")
-    g = p.add_argument_group("fine-tuning (--resume keeps the checkpoint's)")
-    for key, text in SETTING_HELP.items():
-        g.add_argument(f"--{key}", type=type(DEFAULTS[key]),
-                       choices=["cls", "mean"] if key == "pooling" else None,
-                       help=f"{text} (default: {DEFAULTS[key]})")
+    setting_flags(p, DEFAULTS, SETTING_HELP, {"pooling": ["cls", "mean"]})
     g = p.add_argument_group("the task and running")
     g.add_argument("--split_seed", type=int, default=task.DEFAULTS["seed"],
                    help="seed of the module split and the bootstrap (default: %(default)s)")

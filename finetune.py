@@ -38,7 +38,7 @@ from codesearch import (MAX_DOC_TOKENS, MAX_QUERY_TOKENS, bm25_scores, code_func
 from prepare import load_meta, split_files
 from runtime import (DEFAULT_RUN_DIR, autocast_for, device_flag, embed, encode, export_hf,
                      find_model, load_model, one_line_errors, pick_device, planned_run,
-                     pooled, save_atomic, speed_setup, truncated)
+                     pooled, save_atomic, setting_flags, speed_setup, truncated)
 from train import make_optimizer
 
 DEFAULTS = dict(steps=400, batch_size=32, lr=2e-4, warmup=0.1, weight_decay=1e-5,
@@ -245,11 +245,7 @@ def get_args(argv):
                    help="continue OUT/ckpt.pt (a finished one is only evaluated)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over even if OUT/ckpt.pt exists")
-    g = p.add_argument_group("fine-tuning (--resume keeps the checkpoint's)")
-    for key, text in SETTING_HELP.items():
-        g.add_argument(f"--{key}", type=type(DEFAULTS[key]),
-                       choices=["mean", "cls"] if key == "pool" else None,
-                       help=f"{text} (default: {DEFAULTS[key]})")
+    setting_flags(p, DEFAULTS, SETTING_HELP, {"pool": ["mean", "cls"]})
     g = p.add_argument_group("running")
     g.add_argument("--ckpt_every", type=int, default=100,
                    help="steps between checkpoints (default: %(default)s)")

@@ -208,6 +208,15 @@ def sentence_transformers_files(config, pooling):
                                                   "default_prompt_name": None}}
 
 
+def setting_flags(parser, defaults, helps, choices=None):
+    """finetune.py's and classify.py's settings as flags, each typed by its default and left None
+    when not given (so --resume can tell a flag from the checkpoint's value)."""
+    g = parser.add_argument_group("fine-tuning (--resume keeps the checkpoint's)")
+    for key, text in helps.items():
+        g.add_argument(f"--{key}", type=type(defaults[key]), choices=(choices or {}).get(key),
+                       help=f"{text} (default: {defaults[key]})")
+
+
 def planned_run(args, defaults, source, out_dir, script):
     """(settings, resumed checkpoint or None) of a fine-tune of `source` into out_dir: the
     defaults with the flags given, or with --resume the checkpoint's own, which the flags may
