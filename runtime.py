@@ -1,8 +1,9 @@
 """
 What every script needs, on a floor below all of them, so that a fork can edit one script
 without breaking another: the one-line error, the device and its speed, checkpoint files (atomic
-writes, reads that cannot run code, the Hugging Face export), a model loaded with its tokenizer,
-and texts run through it packed, without padding.
+writes, reads that cannot run code, the Hugging Face exports), the sequence-classification head
+(classify.py's classifier, finetune.py's cross-encoder), a model loaded with its tokenizer, and
+texts run through it packed, without padding.
 
     model, tokenizer, ids = load_model("out")             # newest out/phase*/ckpt.pt
     vectors = embed(model, tokenizer, texts, max_tokens=256)
@@ -19,10 +20,13 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
+import safetensors.torch
 import torch
+import torch.nn as nn
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+import hf_format
 from hf_format import hf_family
 from modernbert import Config, ModernBERT, cu_seqlens_of
 
@@ -242,6 +246,89 @@ def planned_run(args, defaults, source, out_dir, script):
         raise ValueError(f"{ckpt_path} fine-tunes {init_from}, not {source}: --resume continues "
                          "it from where it began")
     return settings, resumed
+
+
+# ---------------------------------------------------------------------------- a classification head
+
+class Classifier(nn.Module):
+    """An encoder with a sequence-classification head, on packed sequences (no padding)."""
+
+    def __init__(self, encoder, n_labels, pooling="cls", dropout=0.0):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.bert = hf_family_or_none(encoder.config) == "bert"
+        d_model = encoder.config.d_model
+        if self.bert:  # BERT: the pooler, tanh(dense(the [CLS] state)), fresh weights
+            self.pooler = nn.Linear(d_model, d_model)
+            nn.init.trunc_normal_(self.pooler.weight, std=encoder.config.init_std)
+            nn.init.zeros_(self.pooler.bias)
+        # ModernBERT: encoder.head (dense, GELU, norm), shared with the MLM head it starts from
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(d_model, n_labels)
+        nn.init.trunc_normal_(self.classifier.weight, std=encoder.config.init_std)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, seqs):
+        """(n_seqs, n_labels) logits of token-id sequences, one packed forward."""
+        if self.bert:
+            x = torch.tanh(self.pooler(pooled(self.encoder, seqs, "cls")))
+        else:
+            x = self.encoder.head(pooled(self.encoder, seqs, self.pooling))
+        return self.classifier(self.drop(x))
+
+
+def hf_family_or_none(config):
+    try:
+        return hf_format.hf_family(config)
+    except ValueError:  # a mix of BERT's and ModernBERT's parts: ModernBERT's head, no export
+        return None
+
+
+def quiet_encoder(encoder):
+    """No dropout inside the encoder: transformers' default for fine-tuning ModernBERT, and what
+    makes the classifier's logits a function of its weights alone."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    encoder.config.attn_out_dropout = 0.0
+    encoder.config.bert_dropout = False
+    for block in encoder.layers:
+        block.attn.probs_drop = 0.0
+    return encoder
+
+
+def export_classifier(model, out_dir, tokenizer_file, labels):
+    """OUT/hf: a directory that ModernBertForSequenceClassification (or, for a BERT-mode model,
+    BertForSequenceClassification) loads as it is, with num_labels, id2label and our logits."""
+    encoder, family = model.encoder, hf_family_or_none(model.encoder.config)
+    if family is None:
+        tqdm.write(f"no {out_dir}/hf: transformers has no class for this mix of parts")
+        return
+    state = {n: t.detach().cpu().contiguous() for n, t in encoder.state_dict().items()
+             if not n.startswith("decoder.")}
+    tensors = {n: t for n, t in hf_format.tensors_to_hf(state, family).items()
+               if not n.startswith("cls.")}  # BERT's MLM head goes; ModernBERT's `head` stays
+    ours = dict(model.named_parameters())
+    extra = ["pooler.weight", "pooler.bias"] if model.bert else []
+    for name in extra + ["classifier.weight", "classifier.bias"]:
+        theirs = "bert.pooler.dense." + name.split(".")[1] if name.startswith("pooler") else name
+        tensors[theirs] = ours[name].detach().cpu().contiguous()
+    config = hf_format.config_to_hf(encoder.config)
+    config.update(architectures=[("Bert" if model.bert else "ModernBert")
+                                 + "ForSequenceClassification"],
+                  num_labels=len(labels), id2label=dict(enumerate(labels)),
+                  label2id={label: i for i, label in enumerate(labels)},
+                  classifier_pooling=model.pooling, classifier_dropout=model.drop.p)
+    final, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    safetensors.torch.save_file(tensors, os.path.join(tmp, "model.safetensors"),
+                                metadata={"format": "pt"})
+    write_json(os.path.join(tmp, "config.json"), config)
+    shutil.copy(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+    write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config(encoder.config))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 # ----------------------------------------------------------------------------- a model to use

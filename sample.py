@@ -21,12 +21,15 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from codesearch import DEFAULT_SEARCH_CACHE, python_files, search_code
+from codesearch import DEFAULT_SEARCH_CACHE, MODES, load_reranker, python_files, search_code
 from runtime import (DEFAULT_RUN_DIR, device_flag, embed, encode, find_model, load_model,
                      one_line_errors, packed_states, token_budget_runs, truncated)
 
 # For the default corpus, Python's standard library. Each [MASK] hides one token of the stdlib
 # tokenizer; [MASK] swallows the space before it, so "in [MASK](" asks for the token " range".
+# --search's mode: the best of finetune.py's systems on both test sets (README, Code search)
+DEFAULT_MODE = "dense"
+
 DEFAULT_PROMPTS = [
     "for i in [MASK](len(items)):",
     "for key, value in kwargs.[MASK]():",
@@ -183,6 +186,10 @@ def get_args(argv):
     add("--search", metavar="QUERY", help="code search: the --top_k functions under --in for "
         "QUERY (default model: out/finetune, finetune.py's output, if it exists)")
     add("--in", dest="search_in", metavar="DIR", help="--search looks at every *.py under DIR")
+    add("--mode", choices=MODES, default=DEFAULT_MODE,
+        help="--search by bm25, the dense model, their hybrid (reciprocal rank fusion), or the "
+        "cross-encoder over BM25's top 20 (finetune.py's OUT/rerank); the default is the best "
+        "measured (README, Code search) (default: %(default)s)")
     add("--cache", default=DEFAULT_SEARCH_CACHE, help="--search keeps function embeddings here, "
         "per file and mtime (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -244,12 +251,22 @@ def search_main(args):
     if init_from is None and os.path.isfile(os.path.join("out", "finetune", "ckpt.pt")):
         init_from = os.path.join("out", "finetune")  # fine-tuned for search: the better default
     python_files(args.search_in)  # a wrong --in fails before a model is loaded
-    path = find_model(init_from)
-    model, tokenizer, _ = load_model(path, args.device)
-    hits = search_code(model, tokenizer, path, args.search_in, args.search, args.top_k,
-                       args.pool, args.cache, args.batch_tokens)
-    print(f"{path}: the top {len(hits)} functions under {args.search_in} for "
-          f"{show(args.search, 80)!r}")
+    model = tokenizer = path = reranker = None
+    top_k_reranked = 20
+    if args.mode in ("dense", "hybrid"):
+        path = find_model(init_from)
+        model, tokenizer, _ = load_model(path, args.device)
+    elif args.mode == "rerank":
+        path = os.path.join(init_from or os.path.join("out", "finetune"), "rerank")
+        if not os.path.isfile(os.path.join(path, "ckpt.pt")):
+            raise ValueError(f"no cross-encoder in {path}/ckpt.pt: run `python finetune.py "
+                             "--rerank_steps 300` first, or pick another --mode")
+        reranker, tokenizer, settings = load_reranker(path, args.device)
+        top_k_reranked = settings["rerank_top_k"]
+    hits = search_code(args.search_in, args.search, args.mode, model, tokenizer, path, reranker,
+                       args.top_k, args.pool, args.cache, args.batch_tokens, top_k_reranked)
+    print(f"{path or 'BM25'} ({args.mode}): the top {len(hits)} functions under "
+          f"{args.search_in} for {show(args.search, 80)!r}")
     for score, file, line, name in hits:
         print(f"  {score:6.3f}  {file}:{line}  {name}")
     return hits

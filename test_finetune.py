@@ -6,12 +6,14 @@ are built here; nothing is downloaded.
 """
 import ast
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,18 +108,100 @@ def test_loss_equals_sentence_transformers_mnrl():
         want = losses.MultipleNegativesRankingLoss(
             None, scale=1 / temperature).compute_loss_from_embeddings([queries, docs], None)
         torch.testing.assert_close(finetune.info_nce(queries, docs, temperature), want)
+    # Hard negatives (more documents than queries), and the symmetric loss: the query -> function
+    # and function -> query cross-entropies averaged, as sentence-transformers' per_direction mode.
+    hard = torch.randn(8, 16)
+    want = losses.MultipleNegativesRankingLoss(None, scale=20.0).compute_loss_from_embeddings(
+        [queries, docs, hard], None)
+    torch.testing.assert_close(finetune.info_nce(queries, torch.cat([docs, hard]), 0.05), want)
+    both = losses.MultipleNegativesRankingLoss(None, scale=20.0,
+                                               directions=("query_to_doc", "doc_to_query"),
+                                               partition_mode="per_direction")
+    for extra in ([], [hard]):
+        want = both.compute_loss_from_embeddings([queries, docs, *extra], None)
+        torch.testing.assert_close(finetune.info_nce(queries, torch.cat([docs, *extra]), 0.05,
+                                                     symmetric=True), want)
 
 
 def test_metrics_equal_a_hand_computed_example():
-    # Gold is the diagonal. Row 0: best of all -> rank 1. Row 1: 0.3 beats it and 0.2 ties it
-    # -> 3 (ties count against the gold). Row 2: all zero, as BM25 scores a query with no shared
-    # word -> 3.
+    # Gold is the diagonal. Row 0: best of all -> rank 1. Row 1: 0.3 beats it, 0.2 ties it -> 2
+    # or 3 at random. Row 2: all zero, as BM25 scores a query with no shared word -> 1, 2 or 3.
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.2, 0.2], [0.0, 0.0, 0.0]])
-    assert codesearch.gold_ranks(scores).tolist() == [1, 3, 3]
+    seen = torch.stack([codesearch.gold_ranks(scores, seed=s) for s in range(3000)])
+    assert (seen[:, 0] == 1).all() and set(seen[:, 1].tolist()) == {2, 3}
+    assert set(seen[:, 2].tolist()) == {1, 2, 3}
+    # uniform among the tied places: mean rank 2.5 and 2 (binomial sd of the mean < 0.015)
+    assert seen[:, 1].double().mean().item() == pytest.approx(2.5, abs=0.05)
+    assert seen[:, 2].double().mean().item() == pytest.approx(2.0, abs=0.05)
+    assert torch.equal(codesearch.gold_ranks(scores, seed=7), codesearch.gold_ranks(scores, seed=7))
     m = codesearch.retrieval_metrics(torch.tensor([1, 2, 4, 11, 3]))
     assert m["MRR@10"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 0 + 1 / 3) / 5)
     assert m["NDCG@10"] == pytest.approx((1 + 1 / 1.5849625007 + 1 / 2.3219280949 + 0 + 1 / 2) / 5)
     assert m["R@1"] == pytest.approx(1 / 5) and m["R@10"] == pytest.approx(4 / 5)
+
+
+def test_fusion_equals_a_hand_worked_example():
+    # Two systems over 3 candidates for one query. BM25 ranks (c0, c2 tied, c1): ranks 1, 3, 1 ->
+    # competition ranks, tied candidates share the best. Dense ranks c1, c2, c0: ranks 3, 1, 2.
+    bm25 = torch.tensor([[2.0, 0.5, 2.0]])
+    dense = torch.tensor([[0.1, 0.9, 0.4]])
+    assert codesearch.candidate_ranks(bm25).tolist() == [[1, 3, 1]]
+    assert codesearch.candidate_ranks(dense).tolist() == [[3, 1, 2]]
+    fused = codesearch.reciprocal_rank_fusion([bm25, dense], k=60)
+    want = [1 / 61 + 1 / 63, 1 / 63 + 1 / 61, 1 / 61 + 1 / 62]
+    torch.testing.assert_close(fused, torch.tensor([want], dtype=torch.float64))
+    assert fused[0].argmax().item() == 2  # in both systems' top two: first after fusion
+    # Weighted: z-scores per row. BM25 (2, .5, 2): mean 1.5, sd sqrt(0.75); dense (.1, .9, .4):
+    # mean 0.4667, sd 0.4041.
+    z_bm25 = (torch.tensor([2.0, 0.5, 2.0]) - 1.5) / 0.75 ** 0.5
+    z_dense = (dense[0] - dense[0].mean()) / dense[0].std()
+    torch.testing.assert_close(codesearch.weighted_fusion(bm25, dense, 0.3)[0],
+                               (0.3 * z_bm25 + 0.7 * z_dense).double())
+    assert codesearch.standardized(torch.zeros(1, 4)).abs().max() == 0  # an all-tied row: 0
+
+
+def test_reranked_moves_the_top_k_above_the_rest_in_logit_order():
+    first = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    top = torch.tensor([[0, 1, 2]])               # BM25's top 3
+    out = codesearch.reranked(first, top, torch.tensor([[-1.0, 7.0, 0.5]]))
+    assert out[0].argsort(descending=True).tolist() == [1, 2, 0, 3, 4]
+    assert codesearch.gold_ranks(out.expand(5, 5)).tolist()[:1] == [3]  # gold 0: third now
+
+
+def test_paired_bootstrap_matches_a_brute_force_resampling():
+    a, b = torch.tensor([1, 2, 12, 3, 1, 5]), torch.tensor([2, 2, 1, 11, 4, 1])
+    got = codesearch.paired_bootstrap(a, b, resamples=4000, seed=3)
+    rr = lambda r: np.where(r.numpy() <= 10, 1 / r.numpy(), 0.0)
+    diff = rr(a) - rr(b)
+    assert got["diff"] == pytest.approx(diff.mean())
+    picks = torch.randint(6, (4000, 6), generator=torch.Generator().manual_seed(3)).numpy()
+    means = diff[picks].mean(1)
+    assert (got["lo"], got["hi"]) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert got["lo"] < got["diff"] < got["hi"]
+    same = codesearch.paired_bootstrap(a, a)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0}  # a system against itself
+
+
+def test_hard_negatives_skip_the_gold_and_near_duplicates():
+    pairs = [{"name": "read_file", "query": "Read the whole file.", "code": "def read_file(p): "
+              "return open(p).read()"},
+             {"name": "read_file", "query": "Read a file, an override.", "code": "def read_file"
+              "(self, p): return self.fs.read(p)"},            # same name: an override
+             {"name": "load", "query": "Read the whole file!", "code": "def load(q): pass"},
+             {"name": "write_file", "query": "Write data to a file.", "code": "def write_file(p, "
+              "d): open(p, 'w').write(d)"},
+             {"name": "parse", "query": "Parse the tokens.", "code": "def parse(t): return t"}]
+    scores = torch.tensor([[9., 8., 7., 6., 5.], [8., 9., 1., 2., 3.], [1., 2., 9., 3., 4.],
+                           [5., 4., 3., 9., 2.], [1., 2., 3., 4., 9.]])
+    found = codesearch.hard_negatives(scores, pairs, n=2)
+    # 0: its own (0) and the override (1) and the same docstring (2) are out -> 3, 4
+    assert found[0] == [3, 4]
+    for i, negatives in enumerate(found):
+        assert i not in negatives and len(set(negatives)) == len(negatives)
+        assert all(not codesearch.near_duplicate(codesearch.fingerprint(pairs[i]),
+                                                 codesearch.fingerprint(pairs[j]))
+                   for j in negatives)
+    assert found[1] == [4, 3]  # best first
 
 
 def test_bm25_words_split_identifiers():
@@ -151,11 +235,12 @@ def test_docstrings_are_absent_from_every_document(tmp_path):
 
 def test_train_and_test_pairs_come_from_disjoint_files(setup, tmp_path):
     meta = json.loads(open(os.path.join(setup["data"], "meta.json")).read())
-    train, test = finetune.load_pairs(setup["data"], 3)
-    train_files, test_files = {p["file"] for p in train}, {p["file"] for p in test}
-    assert not train_files & test_files
-    assert sorted(test_files) == sorted(meta["val_files"]) and len(test_files) >= 2
-    assert len(train) + len(test) == 16 * 3
+    splits = finetune.load_pairs(setup["data"], 3)
+    files = {name: {p["file"] for p in pairs} for name, pairs in splits.items()}
+    assert not files["train"] & files["test"] and not files["dev"] & files["train"]
+    assert not files["dev"] & files["test"] and len(files["dev"]) >= 1
+    assert sorted(files["test"]) == sorted(meta["val_files"]) and len(files["test"]) >= 2
+    assert sum(map(len, splits.values())) == 16 * 3
     # A directory prepared before val_files was recorded is refused with what to do, not guessed.
     old = tmp_path / "old"
     shutil.copytree(setup["data"], old)
@@ -188,9 +273,12 @@ def test_packed_embeddings_equal_one_text_at_a_time(setup, pool):
 
 # ----------------------------------------------------------------------------- the run
 
-def test_finetune_runs_resumes_exactly_and_exports(setup, tmp_path, monkeypatch):
-    train, _ = finetune.load_pairs(setup["data"], 3)
-    s = {**finetune.DEFAULTS, "steps": 4, "batch_size": 4, "max_doc_tokens": 48}
+@pytest.mark.parametrize("hard", [0, 1])
+def test_finetune_runs_resumes_exactly_and_exports(setup, tmp_path, monkeypatch, hard):
+    train = finetune.load_pairs(setup["data"], 3)["train"]
+    s = {**finetune.DEFAULTS, "steps": 4, "batch_size": 4, "max_doc_tokens": 48,
+         "hard_negatives": hard, "loss": ["one-way", "symmetric"][hard]}
+    negatives = finetune.mined_negatives(train, 3)
     model, tokenizer, _ = runtime.load_model(setup["ckpt"], "cpu")
     saved = []
     real_save = finetune.save_atomic
@@ -198,42 +286,86 @@ def test_finetune_runs_resumes_exactly_and_exports(setup, tmp_path, monkeypatch)
                         lambda path, state: (saved.append(copy.deepcopy(state)),
                                              real_save(path, state)))
     tok_file = os.path.join(os.path.dirname(setup["ckpt"]), "tokenizer.json")
-    finetune.finetune(model, tokenizer, train, s, str(tmp_path), None, False, setup["ckpt"],
-                      tok_file, ckpt_every=2)
+
+    def run(model, out, resumed):
+        finetune.finetune(model, finetune.bi_encoder_loss(model, tokenizer, train, s, negatives),
+                          len(train), s, out, resumed, False, setup["ckpt"],
+                          dataclasses.asdict(model.config), 2,
+                          lambda: runtime.export_hf(model, out, tok_file, pooling="mean"))
+    run(model, str(tmp_path), None)
     assert [c["step"] for c in saved] == [2, 4] and saved[-1]["finished"]
     assert not torch.equal(saved[-1]["model"]["layers.0.attn.Wqkv.weight"],
                            setup["model"].layers[0].attn.Wqkv.weight)
     # From the step-2 checkpoint, a fresh model reaches the same weights.
     again, _, _ = runtime.load_model(setup["ckpt"], "cpu")
-    finetune.finetune(again, tokenizer, train, s, str(tmp_path / "again"), saved[0], False,
-                      setup["ckpt"], tok_file, 2)
+    run(again, str(tmp_path / "again"), saved[0])
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], tensor, atol=0, rtol=0)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["finished"]
     exported = ModernBERT.from_pretrained(str(tmp_path / "hf"))
     torch.testing.assert_close(exported.state_dict(), model.state_dict())
-    assert os.path.exists(tmp_path / "hf" / "tokenizer.json") and \
-        os.path.exists(tmp_path / "tokenizer.json")
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
 
 
 def test_main_prints_the_table(setup, tmp_path, capsys):
     out = tmp_path / "ft"
-    rows = finetune.main(["--init_from", setup["ckpt"], "--data", setup["data"], "--out", str(out),
-                          "--steps", "2", "--batch_size", "4", "--max_doc_tokens", "48",
-                          "--dtype", "fp32"])
-    assert [r["name"] for r in rows] == \
-        ["BM25", f"{setup['ckpt']} zero-shot", f"{setup['ckpt']} fine-tuned"]
+    # The second test set from a small installed package (tqdm) in pools of 20; a reranker.
+    argv = ["--init_from", setup["ckpt"], "--data", setup["data"], "--out", str(out),
+            "--steps", "2", "--batch_size", "4", "--max_doc_tokens", "48", "--dtype", "fp32",
+            "--packages", "tqdm", "--pool_size", "20", "--pools", "2", "--rerank_steps", "2",
+            "--rerank_queries", "2", "--rerank_negatives", "2", "--rerank_top_k", "3"]
+    rows = finetune.main(argv)
+    c = setup["ckpt"]
+    assert [r["name"] for r in rows] == [
+        "BM25", f"{c} zero-shot", f"{c} fine-tuned",
+        f"{c} fine-tuned + BM25, reciprocal rank fusion (k = 60)",
+        f"{c} fine-tuned + BM25, weighted (BM25 weight {rows[4]['weight']:.1f}, chosen on dev)",
+        f"{c} cross-encoder over BM25's top 3"]
     printed = capsys.readouterr().out
-    assert "| BM25 |" in printed and \
-        "| model | MRR@10 | NDCG@10 | Recall@1 | Recall@10 | seconds |" in printed
-    assert json.loads((out / "results.json").read_text())["rows"][2]["metrics"] == \
-        rows[2]["metrics"]
-    # The fine-tuned model is a model sample.py loads; --resume of a finished run only evaluates.
+    assert "| BM25 |" in printed and "| system | stdlib MRR@10 | stdlib vs BM25 (95%) |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_pairs"] == {"stdlib": 12, "packages": 40}
+    assert results["packages"]["tqdm"] and results["pool_size"] == {"stdlib": 12, "packages": 20}
+    for saved, row in zip(results["rows"], rows):
+        for name in ("stdlib", "packages"):
+            ranks = torch.tensor(saved["sets"][name]["ranks"])
+            assert len(ranks) == results["test_pairs"][name]
+            assert ranks.min() >= 1 and ranks.max() <= results["pool_size"][name]
+            # the metrics are those of the saved per-query ranks
+            assert codesearch.retrieval_metrics(ranks) == pytest.approx(
+                row["sets"][name]["metrics"])
+    assert "paired" not in results["rows"][0] and \
+        set(results["rows"][1]["paired"]) == {"stdlib", "packages"}
+    # The reranker keeps BM25's order past its top 3, so its misses there are BM25's.
+    bm25, rerank = (torch.tensor(results["rows"][i]["sets"]["stdlib"]["ranks"]) for i in (0, 5))
+    assert torch.equal(rerank[bm25 > 3], bm25[bm25 > 3]) and (rerank[bm25 <= 3] <= 3).all()
+    # The fine-tuned models are models sample.py and transformers load; --resume of a finished
+    # run only evaluates.
     runtime.load_model(str(out), "cpu")
+    transformers = pytest.importorskip("transformers")
+    cross = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "rerank/hf"))
+    assert cross.config.num_labels == 1
     again = finetune.main(["--init_from", setup["ckpt"], "--data", setup["data"], "--out", str(out),
-                           "--resume", "--dtype", "fp32"])
-    assert again[2]["metrics"] == rows[2]["metrics"]
+                           "--resume", "--dtype", "fp32", "--packages", "tqdm", "--pool_size",
+                           "20", "--pools", "2"])
+    assert [r["sets"] for r in again] == [r["sets"] for r in rows]
+    # sample.py --search --mode rerank: BM25's top 3 of a folder, in the cross-encoder's order.
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(4):
+        (code / f"mod{i}.py").write_text(corpus_file(i))
+    query = "Parse the header number 0 and 0 within a limit."
+    argv = ["--search", query, "--in", str(code), "--top_k", "5", "--cache", str(tmp_path / "c")]
+    bm25 = sample.main(argv + ["--mode", "bm25", "--top_k", "50"])
+    hits = sample.main(argv + ["--mode", "rerank", "--init_from", str(out)])
+    third = bm25[2][0]  # BM25's top 3 (ties at the third score may go either way)
+    assert {h[1:] for h in hits[:3]} <= {h[1:] for h in bm25 if h[0] >= third}
+    assert [h[1:] for h in hits[3:]] == [h[1:] for h in bm25 if h[1:] not in
+                                         {g[1:] for g in hits[:3]}][:2]
+    assert [h[0] for h in hits] == sorted((h[0] for h in hits), reverse=True)
+    with pytest.raises(SystemExit, match="no cross-encoder in .*--rerank_steps"):
+        sample.main(argv + ["--mode", "rerank", "--init_from", str(tmp_path / "nothing")])
 
 
 # ----------------------------------------------------------------------------- code search
@@ -250,8 +382,14 @@ def test_search_finds_a_planted_function_and_caches(setup, tmp_path, monkeypatch
     cache = tmp_path / "cache.pt"
     argv = ["--init_from", setup["ckpt"], "--search", "read the whole file and return its contents",
             "--in", str(code), "--cache", str(cache), "--top_k", "3"]
+    slurp = (os.path.relpath(code / "pkg" / "io_helpers.py"), 4, "slurp")
+    for mode in ("bm25", "hybrid"):  # the planted function shares the query's words
+        found = sample.main(argv + ["--mode", mode])
+        assert found[0][1:] == slurp and found[0][0] > found[1][0], mode
+    argv += ["--mode", "dense"]
+    cache.unlink()
     hits = sample.main(argv)
-    assert hits[0][1:] == (os.path.relpath(code / "pkg" / "io_helpers.py"), 4, "slurp")
+    assert hits[0][1:] == slurp
     assert len(hits) == 3 and hits[0][0] > hits[1][0]
     calls = []
     real = codesearch.embed
