@@ -335,10 +335,11 @@ MODES = ("bm25", "dense", "hybrid", "rerank")
 
 def search_code(directory, query, mode, model=None, tokenizer=None, model_path=None,
                 reranker=None, top_k=5, pool="mean", cache_path=None, batch_tokens=8192,
-                rerank_top_k=20):
+                rerank_top_k=20, bm25_weight=0.3):
     """The top_k functions of the *.py files under directory (hidden folders skipped) for a
     query, best first: (score, file, line, name). mode: bm25 over the functions' words; dense,
-    the cosine of the model's embeddings; hybrid, their reciprocal rank fusion; rerank, BM25's
+    the cosine of the model's embeddings; hybrid, their weighted fusion (bm25_weight on BM25's
+    standardized scores, the rest on the cosines'); rerank, BM25's
     top rerank_top_k reordered by the cross-encoder `reranker` (the score: its logit, shifted
     above every BM25 score)."""
     if not query.strip():
@@ -358,8 +359,8 @@ def search_code(directory, query, mode, model=None, tokenizer=None, model_path=N
         scores["bm25"] = torch.as_tensor(bm25_scores([query], [f[3] for f in listing],
                                                      progress=False)[0])
     if mode == "hybrid":
-        scores["hybrid"] = reciprocal_rank_fusion([scores["bm25"][None],
-                                                   scores["dense"][None]])[0]
+        scores["hybrid"] = weighted_fusion(scores["bm25"][None], scores["dense"][None],
+                                           bm25_weight)[0]
     if mode == "rerank":
         sep = tokenizer.token_to_id("[SEP]")
         top = scores["bm25"].topk(min(rerank_top_k, len(found))).indices

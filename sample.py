@@ -15,6 +15,7 @@ model.safetensors, tokenizer.json). The tokenizer always comes from beside the m
 special ids are read from that tokenizer, so a model never meets another model's ids.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -28,7 +29,8 @@ from runtime import (DEFAULT_RUN_DIR, device_flag, embed, encode, find_model, lo
 # For the default corpus, Python's standard library. Each [MASK] hides one token of the stdlib
 # tokenizer; [MASK] swallows the space before it, so "in [MASK](" asks for the token " range".
 # --search's mode: the best of finetune.py's systems on both test sets (README, Code search)
-DEFAULT_MODE = "dense"
+DEFAULT_MODE = "hybrid"
+DEFAULT_BM25_WEIGHT = 0.3  # what finetune.py chose on dev for the default model
 
 DEFAULT_PROMPTS = [
     "for i in [MASK](len(items)):",
@@ -187,9 +189,10 @@ def get_args(argv):
         "QUERY (default model: out/finetune, finetune.py's output, if it exists)")
     add("--in", dest="search_in", metavar="DIR", help="--search looks at every *.py under DIR")
     add("--mode", choices=MODES, default=DEFAULT_MODE,
-        help="--search by bm25, the dense model, their hybrid (reciprocal rank fusion), or the "
-        "cross-encoder over BM25's top 20 (finetune.py's OUT/rerank); the default is the best "
-        "measured (README, Code search) (default: %(default)s)")
+        help="--search by bm25, the dense model, their hybrid (a weighted sum of standardized "
+        "scores, the weight finetune.py chose on dev), or the cross-encoder over BM25's top 20 "
+        "(finetune.py's OUT/rerank); the default is the best measured (README, Code search) "
+        "(default: %(default)s)")
     add("--cache", default=DEFAULT_SEARCH_CACHE, help="--search keeps function embeddings here, "
         "per file and mtime (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -246,6 +249,18 @@ def embed_main(args, model, tokenizer, texts):
     return embeddings
 
 
+def chosen_weight(model_path):
+    """The hybrid's BM25 weight: the one finetune.py chose on its dev split for this model (its
+    results.json), else DEFAULT_BM25_WEIGHT."""
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    try:
+        with open(os.path.join(folder, "results.json")) as f:
+            rows = json.load(f)["rows"]
+        return next(r["weight"] for r in rows if "weight" in r)
+    except (OSError, ValueError, KeyError, StopIteration):
+        return DEFAULT_BM25_WEIGHT
+
+
 def search_main(args):
     init_from = args.init_from
     if init_from is None and os.path.isfile(os.path.join("out", "finetune", "ckpt.pt")):
@@ -263,9 +278,12 @@ def search_main(args):
                              "--rerank_steps 300` first, or pick another --mode")
         reranker, tokenizer, settings = load_reranker(path, args.device)
         top_k_reranked = settings["rerank_top_k"]
+    weight = chosen_weight(path) if args.mode == "hybrid" else None
     hits = search_code(args.search_in, args.search, args.mode, model, tokenizer, path, reranker,
-                       args.top_k, args.pool, args.cache, args.batch_tokens, top_k_reranked)
-    print(f"{path or 'BM25'} ({args.mode}): the top {len(hits)} functions under "
+                       args.top_k, args.pool, args.cache, args.batch_tokens, top_k_reranked,
+                       weight)
+    how = f"{args.mode}, BM25 weight {weight:.1f}" if weight is not None else args.mode
+    print(f"{path or 'BM25'} ({how}): the top {len(hits)} functions under "
           f"{args.search_in} for {show(args.search, 80)!r}")
     for score, file, line, name in hits:
         print(f"  {score:6.3f}  {file}:{line}  {name}")

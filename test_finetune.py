@@ -350,6 +350,9 @@ def test_main_prints_the_table(setup, tmp_path, capsys):
                            "--resume", "--dtype", "fp32", "--packages", "tqdm", "--pool_size",
                            "20", "--pools", "2"])
     assert [r["sets"] for r in again] == [r["sets"] for r in rows]
+    # sample.py --search --mode hybrid takes the weight this run chose on dev.
+    assert sample.chosen_weight(str(out / "ckpt.pt")) == rows[4]["weight"]
+    assert sample.chosen_weight(setup["ckpt"]) == sample.DEFAULT_BM25_WEIGHT  # no results.json
     # sample.py --search --mode rerank: BM25's top 3 of a folder, in the cross-encoder's order.
     code = tmp_path / "code"
     code.mkdir()
