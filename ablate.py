@@ -10,6 +10,12 @@ fixed eval set (train.py's, 15% masked), in its own process and its own runs/abl
     python ablate.py                                  # the ladder, 3 seeds at both ends
     python ablate.py --rungs bert,modernbert --tokens 3e5 --seeds 1
     python ablate.py --long_range --run out           # what phases 2 and 3 buy: long-range use
+    python ablate.py --rungs bert --lr_grid 1e-4,3e-4,1e-3 --warmup_grid 0.0078,0.1 --seeds 3
+
+--lr_grid / --warmup_grid tune each rung first: a seed-1337 run per grid point, scored on val's
+tune slice (never on the eval set the table reports), into runs/ablate/grid/; each rung then runs
+at its best point on --seeds seeds, and the table adds the grid, each rung's mean with its 95%
+interval, and each rung against the one before it (Welch's t).
 
 Writes runs/ablate/results.md (the table), results.json and val_acc.png (val accuracy against
 tokens, one line per rung). A rung that finished is reused and an interrupted one resumed, so
@@ -120,17 +126,25 @@ def rung_change(rung):
     return rung
 
 
-def train_command(rung, seed, args, dtype):
+def train_command(rung, seed, args, dtype, point=None, tune=False):
     """The exact train.py command line of one rung: the budget's settings, the rung's flags,
-    then anything given after `--`. The budget's settings are train.py's laptop preset scaled to
-    the budget: the LR warmup and the batch warmup keep their shares of the preset's budget."""
+    its grid point (peak LR and LR warmup) if it was tuned, then anything given after `--`. The
+    budget's settings are train.py's laptop preset scaled to the budget: the LR warmup and the
+    batch warmup keep their shares of the preset's budget. tune: a grid run, scored on val's
+    tune slice (never on the eval set the table reports) into OUT/grid/."""
     tokens, laptop = args.tokens, train.preset_settings("laptop")
     share = lambda key: tokens * getattr(laptop, key) // laptop.tokens
-    flags = {"data": args.data, "out": rung_dir(args.out, rung, seed), "model": "mini",
+    point = point or args.chosen.get(rung)
+    out = grid_dir(args.out, rung, point) if tune else rung_dir(args.out, rung, seed)
+    flags = {"data": args.data, "out": out, "model": "mini",
              "seed": seed, "tokens": tokens, "warmup_tokens": share("warmup_tokens"),
              "batch_warmup_tokens": share("batch_warmup_tokens"), "device": "cpu", "dtype": dtype,
              "eval_every": max(1, round(tokens / (laptop.batch_size * laptop.seq_len)
                                         / EVAL_POINTS)), **rung_flags(rung)}
+    if point:
+        flags.update(lr=point["lr"], warmup_tokens=round(point["warmup"] * tokens))
+    if tune:
+        flags["eval_set"] = "tune"
     return [sys.executable, os.path.join(HERE, "train.py"), "--phase", "1"] + \
         [part for key, value in flags.items() for part in (f"--{key}", str(value))] + \
         args.train_extra
@@ -140,23 +154,44 @@ def rung_dir(out, rung, seed):
     return os.path.join(out, rung if seed == FIRST_SEED else f"{rung}-seed{seed}")
 
 
+def grid_dir(out, rung, point):
+    return os.path.join(out, "grid", f"{rung}-lr{point['lr']:g}-warmup{point['warmup']:g}")
+
+
 def finished(run_dir):
     """True if the rung's phase 1 finished; False if it never started or stopped midway."""
     ckpt = os.path.join(run_dir, "phase1", "ckpt.pt")
     return os.path.exists(ckpt) and bool(torch.load(ckpt, weights_only=True).get("finished"))
 
 
+def first_command(run_dir):
+    """The train.py flags that started run_dir (train.txt's first line, less --resume and
+    --overwrite), or None."""
+    console = os.path.join(run_dir, "train.txt")
+    if not os.path.exists(console):
+        return None
+    with open(console) as f:
+        words = f.readline().split()
+    return words[2:-1] if words[-1:] in (["--resume"], ["--overwrite"]) else words[2:]
+
+
 def run_rung(job, args, dtype, progress):
     """One rung (one seed) as a train.py subprocess with --threads threads: resumed if it was
     interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt. Returns
     None, or what failed (the other rungs keep running)."""
-    rung, seed = job
-    run_dir = rung_dir(args.out, rung, seed)
-    name = rung + ("" if seed == FIRST_SEED else f" (seed {seed})")
+    rung, seed, point = job  # point: a grid run's LR and warmup; None: the rung as chosen
+    run_dir = grid_dir(args.out, rung, point) if point else rung_dir(args.out, rung, seed)
+    name = rung + ("" if seed == FIRST_SEED else f" (seed {seed})") + \
+        (f" (grid: LR {point['lr']:g}, warmup {point['warmup']:g})" if point else "")
+    cmd = train_command(rung, seed, args, dtype, point, tune=bool(point))
+    started_by = first_command(run_dir)
+    if started_by and started_by != cmd[2:]:  # not another run's numbers under this one's name
+        progress(f"{name}: {run_dir} holds a run with other flags", done=True)
+        return f"{name} ({run_dir} was started as `train.py {' '.join(started_by)}`: give " \
+               "another --out, or delete it)"
     if finished(run_dir):
         progress(f"{name}: finished before, reused", done=True)
         return
-    cmd = train_command(rung, seed, args, dtype)
     ckpt = os.path.join(run_dir, "phase1", "ckpt.pt")
     cmd += ["--resume"] if os.path.exists(ckpt) else ["--overwrite"]
     os.makedirs(run_dir, exist_ok=True)
@@ -193,15 +228,11 @@ def read_result(run_dir):
                 curve=[(t, acc) for t, _, acc in evals])
 
 
-def ladder(args):
-    jobs = [(rung, FIRST_SEED) for rung in args.rungs]
-    jobs += [(rung, FIRST_SEED + i) for i in range(1, args.seeds) for rung in ENDS
-             if rung in args.rungs]
-    dtype = args.dtype
-    if dtype == "auto":  # measured once, so that every rung runs in the same precision
-        dtype = "bf16" if speed_setup("cpu", "auto", "off")[0] else "fp32"
-    print(f"ablate.py: {len(jobs)} train.py runs of {args.tokens:,} tokens, {args.jobs} at a "
-          f"time, {args.threads} thread(s) each, {dtype}; logs in {args.out}/RUNG/train.txt")
+def run_all(args, jobs, dtype, what):
+    """The jobs, --jobs at a time, each a train.py subprocess; a failure stops the ladder only
+    once the others are done, and a second call resumes it."""
+    print(f"ablate.py: {what}: {len(jobs)} train.py runs of {args.tokens:,} tokens, {args.jobs} "
+          f"at a time, {args.threads} thread(s) each, {dtype}; logs in {args.out}/.../train.txt")
     finished_jobs = []
 
     def progress(message, done=False):
@@ -209,52 +240,125 @@ def ladder(args):
         print(f"[{time.strftime('%H:%M:%S')}] {message} ({len(finished_jobs)}/{len(jobs)} done)",
               flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on their subprocesses
         failed = [f for f in pool.map(lambda job: run_rung(job, args, dtype, progress), jobs) if f]
     if failed:
         raise ValueError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; run ablate.py "
                          "again to resume")
+
+
+def tune_grid(args, dtype):
+    """Each rung over the grid of peak LR x LR warmup (seed 1337, scored on val's tune slice);
+    its chosen point is the best tune accuracy (then the lower tune loss). Sets args.chosen."""
+    points = [{"lr": lr, "warmup": w} for lr in args.lr_grid for w in args.warmup_grid]
+    run_all(args, [(rung, FIRST_SEED, p) for rung in args.rungs for p in points], dtype,
+            "the grid, on val's tune slice")
+    grid = {}
+    for rung in args.rungs:
+        grid[rung] = [dict(p, **{k: v for k, v in read_result(grid_dir(args.out, rung, p)).items()
+                                 if k in ("val_acc", "val_loss", "tokens_per_s", "wall_s")},
+                           command=" ".join(["python"] + train_command(rung, FIRST_SEED, args,
+                                                                       dtype, p, True)[1:]))
+                      for p in points]
+        best = max(grid[rung], key=lambda r: (r["val_acc"], -r["val_loss"]))
+        args.chosen[rung] = {"lr": best["lr"], "warmup": best["warmup"]}
+    return grid
+
+
+def ladder(args):
+    dtype = args.dtype
+    if dtype == "auto":  # measured once, so that every rung runs in the same precision
+        dtype = "bf16" if speed_setup("cpu", "auto", "off")[0] else "fp32"
+    os.makedirs(args.out, exist_ok=True)
+    tuned = bool(args.lr_grid or args.warmup_grid)
+    grid = tune_grid(args, dtype) if tuned else {}
+    jobs = [(rung, FIRST_SEED) for rung in args.rungs]
+    jobs += [(rung, FIRST_SEED + i) for i in range(1, args.seeds) for rung in args.rungs
+             if tuned or rung in ENDS]  # a tuned ladder compares every rung: seeds for all
+    run_all(args, [(rung, seed, None) for rung, seed in jobs], dtype,
+            "the ladder" + (", each rung at its chosen point" if tuned else ""))
     results = {f"{rung}@{seed}": read_result(rung_dir(args.out, rung, seed)) for rung, seed in jobs}
-    table = results_table(args, results, jobs, dtype)
+    table = results_table(args, results, jobs, dtype, grid)
     print(table)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     commands = {key: " ".join(["python"] + train_command(rung, seed, args, dtype)[1:])
                 for key, (rung, seed) in zip(results, jobs)}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"tokens": args.tokens, "dtype": dtype, "runs": results, "commands": commands},
-                  f, indent=1)
+        json.dump({"tokens": args.tokens, "dtype": dtype, "runs": results, "commands": commands,
+                   "grid": grid, "chosen": args.chosen}, f, indent=1)
     plot_curves(args, results, jobs, os.path.join(args.out, "val_acc.png"))
     print(f"wrote {args.out}/results.md, results.json, val_acc.png")
 
 
-def results_table(args, results, jobs, dtype):
-    """The markdown table: one row per rung (its first seed), and the seeds' spread at the ends."""
+def results_table(args, results, jobs, dtype, grid):
+    """The markdown table: one row per rung (its first seed); the seeds' spread, mean and 95%
+    interval where a rung has several; for a tuned ladder, the grid, and each rung against the
+    one below it (Welch's t on the seeds)."""
     lines = [f"Phase 1 on `{args.data}`, {args.tokens:,} tokens per rung, {dtype}, "
              f"{args.threads} thread(s) per run, {args.jobs} at a time, seed {FIRST_SEED}; val = "
              "train.py's fixed eval set (15% masked).", "",
-             "| rung | what changes | parameters | tokens/s | wall time | val loss | val acc |",
-             "|---|---|---|---|---|---|---|"]
+             "| rung | what changes | parameters | tokens/s | wall time | val loss | val acc |"
+             + (" peak LR, LR warmup (chosen on tune) |" if grid else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if grid else "")]
     for rung in args.rungs:
         r = results[f"{rung}@{FIRST_SEED}"]
+        point = args.chosen.get(rung)
         lines.append(f"| {rung} | {rung_change(rung)} | {r['params'] / 1e6:.2f}M | "
                      f"{r['tokens_per_s']:,.0f} | {r['wall_s'] / 60:.1f} min | "
-                     f"{r['val_loss']:.3f} | {r['val_acc']:.2%} |")
+                     f"{r['val_loss']:.3f} | {r['val_acc']:.2%} |"
+                     + (f" {point['lr']:g}, {point['warmup']:g} of the budget |" if grid else ""))
     seeds = sorted({seed for _, seed in jobs})
-    if len(seeds) > 1:
+    accs = {rung: [results[f"{rung}@{s}"]["val_acc"] * 100 for s in seeds
+                   if f"{rung}@{s}" in results] for rung in args.rungs}
+    several = [rung for rung in args.rungs if len(accs[rung]) > 1]
+    if several:
         lines += ["", f"Seed-to-seed spread ({len(seeds)} seeds: {', '.join(map(str, seeds))}):",
-                  "", "| rung | val acc per seed | mean | max - min | std | val loss per seed "
-                  "| max - min |", "|---|---|---|---|---|---|---|"]
-        for rung in [r for r in ENDS if r in args.rungs]:
-            accs = [results[f"{rung}@{s}"]["val_acc"] for s in seeds]
+                  "", "| rung | val acc per seed | mean | 95% interval | max - min | std "
+                  "| val loss per seed | max - min |", "|---|---|---|---|---|---|---|---|"]
+        for rung in several:
+            a = np.array(accs[rung])
             losses = [results[f"{rung}@{s}"]["val_loss"] for s in seeds]
-            lines.append(f"| {rung} | {', '.join(f'{a:.2%}' for a in accs)} | "
-                         f"{np.mean(accs):.2%} | {(max(accs) - min(accs)) * 100:.2f} points | "
-                         f"{np.std(accs, ddof=1) * 100:.2f} points | "
-                         f"{', '.join(f'{x:.3f}' for x in losses)} | "
-                         f"{max(losses) - min(losses):.3f} |")
+            low, high = mean_interval(a)
+            lines.append(f"| {rung} | {', '.join(f'{x:.2f}%' for x in a)} | {a.mean():.2f}% | "
+                         f"{low:.2f}-{high:.2f}% | {a.max() - a.min():.2f} points | "
+                         f"{a.std(ddof=1):.2f} points | {', '.join(f'{x:.3f}' for x in losses)} "
+                         f"| {max(losses) - min(losses):.3f} |")
+    if grid:
+        lines += ["", "Each rung's grid (seed 1337, scored on val's tune slice, not on the eval "
+                  "set above; * chosen):", "", "| rung | peak LR | LR warmup (share of the budget) "
+                  "| tune loss | tune acc |", "|---|---|---|---|---|"]
+        for rung, points in grid.items():
+            for p in points:
+                star = "*" if args.chosen[rung] == {"lr": p["lr"], "warmup": p["warmup"]} else ""
+                lines.append(f"| {rung} | {p['lr']:g} | {p['warmup']:g} | {p['val_loss']:.3f} | "
+                             f"{p['val_acc']:.2%}{star} |")
+        pairs = [(a, b) for a, b in zip(several, several[1:])]
+        if pairs:
+            lines += ["", "Each rung against the one before it (val acc, mean over seeds; "
+                      "Welch's t):", "", "| rungs | difference | p |", "|---|---|---|"]
+            for a, b in pairs:
+                diff, p = welch(accs[b], accs[a])
+                lines.append(f"| {a} -> {b} | {diff:+.2f} points | {p:.3f} |")
     return "\n".join(lines)
+
+
+def mean_interval(values):
+    """The 95% t interval of the mean of a few seeds' numbers."""
+    from scipy import stats  # scipy comes with scikit-learn (requirements.txt)
+    v = np.asarray(values, float)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return v.mean() - half, v.mean() + half
+
+
+def welch(a, b):
+    """mean(a) - mean(b), and the two-sided p of Welch's t (unequal variances); p is 1.0 where
+    both sets of seeds agree to the last digit (a collapsed rung on every seed)."""
+    from scipy import stats
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.std() == 0 and b.std() == 0:
+        return a.mean() - b.mean(), 1.0 if a.mean() == b.mean() else 0.0
+    return a.mean() - b.mean(), float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def plot_curves(args, results, jobs, path):
@@ -588,6 +692,9 @@ def get_args(argv):
                                 epilog="Flags after -- go to every train.py run, after the "
                                 "rung's own (e.g. -- --eval_tokens 32768).")
     count = lambda s: int(float(s))  # accepts 1e6
+
+    def floats(s):  # "1e-4,3e-4" -> [0.0001, 0.0003]
+        return [float(x) for x in s.split(",") if x.strip()]
     p.add_argument("--rungs", default=",".join(LADDER + DEFAULT_LEAVE_ONE_OUT),
                    help="comma-separated, in table order: bert, the ladder's changes, "
                         "modernbert, modernbert-CHANGE (leave-one-out) (default: %(default)s)")
@@ -604,6 +711,11 @@ def get_args(argv):
     # fp32 by default: one precision for every rung, whatever a start-up measurement says. On
     # this project's VM (AVX2, no bf16 units) a mini training step at one thread ran ~15x
     # slower under bf16 autocast than in fp32, measured side by side in one process.
+    p.add_argument("--lr_grid", type=floats, default=[],
+                   help="peak LRs to tune every rung over (comma-separated), each rung then run "
+                        "at its best on --seeds seeds (default: the preset's, untuned)")
+    p.add_argument("--warmup_grid", type=floats, default=[],
+                   help="LR warmups to tune over, as shares of the budget (default: the preset's)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="fp32",
                    help="precision of every rung; auto: train.py's choice, measured once "
                         "(default: %(default)s)")
@@ -626,6 +738,17 @@ def get_args(argv):
     for key in ("tokens", "seeds", "jobs", "threads", "probe_tokens", "probe_pairs"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
+    if any(not (lr > 0 and np.isfinite(lr)) for lr in args.lr_grid):
+        p.error(f"--lr_grid must hold positive LRs, got {args.lr_grid}")
+    if any(not 0 <= w < 1 for w in args.warmup_grid):
+        p.error(f"--warmup_grid must hold shares of the budget in [0, 1), got {args.warmup_grid}")
+    # A grid over one of the two keeps the preset's value of the other.
+    laptop = train.preset_settings("laptop")
+    if args.lr_grid and not args.warmup_grid:
+        args.warmup_grid = [laptop.warmup_tokens / laptop.tokens]
+    if args.warmup_grid and not args.lr_grid:
+        args.lr_grid = [laptop.lr]
+    args.chosen = {}
     try:
         load_meta(args.data)  # "run prepare.py first"
     except ValueError as e:

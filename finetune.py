@@ -507,7 +507,7 @@ def get_args(argv):
                    help="start over even if OUT/ckpt.pt exists")
     setting_flags(p, DEFAULTS, SETTING_HELP, {"pool": ["mean", "cls"],
                                               "loss": ["one-way", "symmetric"]})
-    setting_flags(p, RERANK_DEFAULTS, RERANK_HELP)
+    setting_flags(p, RERANK_DEFAULTS, RERANK_HELP, title="the cross-encoder reranker")
     g = p.add_argument_group("the second test set and running")
     g.add_argument("--packages", default=",".join(PACKAGES),
                    help="installed distributions whose sources are the second test set, or "

@@ -212,10 +212,10 @@ def sentence_transformers_files(config, pooling):
                                                   "default_prompt_name": None}}
 
 
-def setting_flags(parser, defaults, helps, choices=None):
+def setting_flags(parser, defaults, helps, choices=None, title="fine-tuning"):
     """finetune.py's and classify.py's settings as flags, each typed by its default and left None
     when not given (so --resume can tell a flag from the checkpoint's value)."""
-    g = parser.add_argument_group("fine-tuning (--resume keeps the checkpoint's)")
+    g = parser.add_argument_group(f"{title} (--resume keeps the checkpoint's)")
     for key, text in helps.items():
         g.add_argument(f"--{key}", type=type(defaults[key]), choices=(choices or {}).get(key),
                        help=f"{text} (default: {defaults[key]})")

@@ -61,6 +61,9 @@ def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_pa
 @pytest.mark.parametrize("flags, message", [
     (["--rungs", "bert,gpt"], "unknown rung 'gpt'"),
     (["--tokens", "0"], "--tokens must be at least 1"),
+    (["--lr_grid", "0,1e-3"], "--lr_grid must hold positive LRs"),
+    (["--lr_grid", "fast"], "argument --lr_grid: invalid floats value: 'fast'"),
+    (["--warmup_grid", "0.1,1.5"], "--warmup_grid must hold shares of the budget in [0, 1)"),
     (["--data", "nowhere"], "no prepared data in nowhere/")])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys, write_data):
     data = write_data(tmp_path / "data", [40] * 10)
@@ -107,6 +110,54 @@ def test_a_two_rung_ladder_end_to_end(tmp_path, write_data, log_of):
         bert_log[0]["config"]["positions"] == "learned"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reused") == 4, again.stdout
+    # Other flags into the same --out: an error, not the old runs' numbers under new flags.
+    other = [("1600" if part == "1500" else part) for part in cmd]
+    clash = subprocess.run(other, capture_output=True, text=True, env=env, timeout=300)
+    assert clash.returncode == 1 and "holds a run with other flags" in clash.stdout
+    assert clash.stderr.strip().splitlines()[-1].startswith("ablate.py: error: 4 run(s) failed")
+    assert results == json.loads((out / "results.json").read_text())
+
+
+def test_a_tuned_ladder_chooses_on_tune_and_runs_every_rung_at_its_choice(tmp_path, write_data,
+                                                                           log_of):
+    """--lr_grid: each rung's grid runs score val's tune slice; the chosen point is the grid's
+    best tune accuracy; every rung then runs at its own choice on 2 seeds, scored on val; the
+    grid, the choice, the seeds' interval and Welch's t reach results.json and the table."""
+    data = write_data(tmp_path / "data", np.random.default_rng(2).integers(5, 90, 200).tolist(),
+                      val_lengths=[40] * 6)  # 64 tokens for the eval set, more for tune
+    out = tmp_path / "ablate"
+    cmd = [sys.executable, str(HERE / "ablate.py"), "--data", str(data), "--out", str(out),
+           "--rungs", "bert,modernbert", "--tokens", "1000", "--seeds", "2", "--dtype", "fp32",
+           "--lr_grid", "1e-4,1e-2", "--warmup_grid", "0.1", "--",
+           "--model", "tiny", "--seq_len", "32", "--batch_size", "4", "--micro_batch", "2",
+           "--eval_tokens", "64", "--eval_every", "4", "--d_ff", "64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text()
+    for rung in ("bert", "modernbert"):
+        grid = results["grid"][rung]
+        assert [(p["lr"], p["warmup"]) for p in grid] == [(1e-4, 0.1), (1e-2, 0.1)]
+        for p in grid:
+            log = log_of(out / "grid" / f"{rung}-lr{p['lr']:g}-warmup0.1", 1)
+            assert log[0]["eval_set"] == "tune" and log[0]["settings"]["lr"] == p["lr"]
+            assert log[0]["settings"]["warmup_tokens"] == 100
+            assert p["val_acc"] == [r for r in log if "val_acc" in r][-1]["val_acc"]
+        best = max(grid, key=lambda p: (p["val_acc"], -p["val_loss"]))
+        assert results["chosen"][rung] == {"lr": best["lr"], "warmup": 0.1}
+        accs = []
+        for seed, run_dir in [(1337, out / rung), (1338, out / f"{rung}-seed1338")]:
+            start = log_of(run_dir, 1)[0]
+            assert (start["eval_set"], start["settings"]["lr"], start["settings"]["seed"]) == \
+                ("val", best["lr"], seed)
+            accs.append(results["runs"][f"{rung}@{seed}"]["val_acc"] * 100)
+        row = next(line for line in table.split("Seed-to-seed")[1].splitlines()
+                   if line.startswith(f"| {rung} |"))
+        half = 12.706 * np.std(accs, ddof=1) / np.sqrt(2)  # t(0.975, 1 degree of freedom)
+        assert f"{np.mean(accs) - half:.2f}-{np.mean(accs) + half:.2f}%" in row
+    assert "| bert -> modernbert |" in table and "1e-02 |" not in table
+    assert sum(line.endswith("%* |") for line in table.splitlines()) == 2  # one choice per rung
 
 
 # ----------------------------------------------------------------------------- long range

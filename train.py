@@ -343,7 +343,8 @@ def setup_phase(args, meta, start, device, rank, world):
         print_banner(args, ph, start, device, bf16, use_compile)
     write_log(log, phase, event="resume" if start.resumed else "start", step=start.step,
               tokens=start.tokens, settings=vars(run), config=asdict(model.config),
-              packing_efficiency=data.efficiency, device=device, bf16=bf16, processes=world)
+              packing_efficiency=data.efficiency, device=device, bf16=bf16, processes=world,
+              eval_set=args.eval_set)  # which val tokens its evals score ("tune": not the report's)
     return ph
 
 
