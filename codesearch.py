@@ -337,9 +337,9 @@ def search_code(directory, query, mode, model=None, tokenizer=None, model_path=N
                 reranker=None, top_k=5, pool="mean", cache_path=None, batch_tokens=8192,
                 rerank_top_k=20, bm25_weight=0.3):
     """The top_k functions of the *.py files under directory (hidden folders skipped) for a
-    query, best first: (score, file, line, name). mode: bm25 over the functions' words; dense,
-    the cosine of the model's embeddings; hybrid, their weighted fusion (bm25_weight on BM25's
-    standardized scores, the rest on the cosines'); rerank, BM25's
+    query, best first: (score, file from directory's parent, line, name). mode: bm25 over the
+    functions' words; dense, the cosine of the model's embeddings; hybrid, their weighted
+    fusion (bm25_weight on BM25's standardized scores, the rest on the cosines'); rerank, BM25's
     top rerank_top_k reordered by the cross-encoder `reranker` (the score: its logit, shifted
     above every BM25 score)."""
     if not query.strip():
@@ -372,5 +372,6 @@ def search_code(directory, query, mode, model=None, tokenizer=None, model_path=N
         scores["rerank"] = reranked(standardized(scores["bm25"][None]), top[None],
                                     logits[None])[0]
     best = scores[mode].double().topk(min(top_k, len(found)))
-    return [(score, os.path.relpath(found[i][0]), found[i][2], found[i][1])
+    shown_from = os.path.dirname(os.path.abspath(directory).rstrip(os.sep))  # "importlib/abc.py"
+    return [(score, os.path.relpath(found[i][0], shown_from), found[i][2], found[i][1])
             for score, i in zip(best.values.tolist(), best.indices.tolist())]
