@@ -134,7 +134,6 @@ def train_command(rung, seed, args, dtype, point=None, tune=False):
     tune slice (never on the eval set the table reports) into OUT/grid/."""
     tokens, laptop = args.tokens, train.preset_settings("laptop")
     share = lambda key: tokens * getattr(laptop, key) // laptop.tokens
-    point = point or args.chosen.get(rung)
     out = grid_dir(args.out, rung, point) if tune else rung_dir(args.out, rung, seed)
     flags = {"data": args.data, "out": out, "model": "mini",
              "seed": seed, "tokens": tokens, "warmup_tokens": share("warmup_tokens"),
@@ -179,11 +178,11 @@ def run_rung(job, args, dtype, progress):
     """One rung (one seed) as a train.py subprocess with --threads threads: resumed if it was
     interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt. Returns
     None, or what failed (the other rungs keep running)."""
-    rung, seed, point = job  # point: a grid run's LR and warmup; None: the rung as chosen
-    run_dir = grid_dir(args.out, rung, point) if point else rung_dir(args.out, rung, seed)
+    rung, seed, point, tune = job  # point: its LR and warmup (None: the preset's); tune: a grid run
+    run_dir = grid_dir(args.out, rung, point) if tune else rung_dir(args.out, rung, seed)
     name = rung + ("" if seed == FIRST_SEED else f" (seed {seed})") + \
-        (f" (grid: LR {point['lr']:g}, warmup {point['warmup']:g})" if point else "")
-    cmd = train_command(rung, seed, args, dtype, point, tune=bool(point))
+        (f" (grid: LR {point['lr']:g}, warmup {point['warmup']:g})" if tune else "")
+    cmd = train_command(rung, seed, args, dtype, point, tune)
     started_by = first_command(run_dir)
     if started_by and started_by != cmd[2:]:  # not another run's numbers under this one's name
         progress(f"{name}: {run_dir} holds a run with other flags", done=True)
@@ -248,12 +247,15 @@ def run_all(args, jobs, dtype, what):
 
 
 def tune_grid(args, dtype):
-    """Each rung over the grid of peak LR x LR warmup (seed 1337, scored on val's tune slice);
-    its chosen point is the best tune accuracy (then the lower tune loss). Sets args.chosen."""
-    points = [{"lr": lr, "warmup": w} for lr in args.lr_grid for w in args.warmup_grid]
-    run_all(args, [(rung, FIRST_SEED, p) for rung in args.rungs for p in points], dtype,
+    """(grid, chosen): each rung over the grid of peak LR x LR warmup (seed 1337, scored on val's
+    tune slice), and its chosen point, the best tune accuracy (then the lower tune loss). A grid
+    over one of the two keeps the preset's value of the other."""
+    laptop = train.preset_settings("laptop")
+    points = [{"lr": lr, "warmup": w} for lr in args.lr_grid or [laptop.lr]
+              for w in args.warmup_grid or [laptop.warmup_tokens / laptop.tokens]]
+    run_all(args, [(rung, FIRST_SEED, p, True) for rung in args.rungs for p in points], dtype,
             "the grid, on val's tune slice")
-    grid = {}
+    grid, chosen = {}, {}
     for rung in args.rungs:
         grid[rung] = [dict(p, **{k: v for k, v in read_result(grid_dir(args.out, rung, p)).items()
                                  if k in ("val_acc", "val_loss", "tokens_per_s", "wall_s")},
@@ -261,8 +263,8 @@ def tune_grid(args, dtype):
                                                                        dtype, p, True)[1:]))
                       for p in points]
         best = max(grid[rung], key=lambda r: (r["val_acc"], -r["val_loss"]))
-        args.chosen[rung] = {"lr": best["lr"], "warmup": best["warmup"]}
-    return grid
+        chosen[rung] = {"lr": best["lr"], "warmup": best["warmup"]}
+    return grid, chosen
 
 
 def ladder(args):
@@ -271,27 +273,28 @@ def ladder(args):
         dtype = "bf16" if speed_setup("cpu", "auto", "off")[0] else "fp32"
     os.makedirs(args.out, exist_ok=True)
     tuned = bool(args.lr_grid or args.warmup_grid)
-    grid = tune_grid(args, dtype) if tuned else {}
+    grid, chosen = tune_grid(args, dtype) if tuned else ({}, {})
     jobs = [(rung, FIRST_SEED) for rung in args.rungs]
     jobs += [(rung, FIRST_SEED + i) for i in range(1, args.seeds) for rung in args.rungs
              if tuned or rung in ENDS]  # a tuned ladder compares every rung: seeds for all
-    run_all(args, [(rung, seed, None) for rung, seed in jobs], dtype,
+    run_all(args, [(rung, seed, chosen.get(rung), False) for rung, seed in jobs], dtype,
             "the ladder" + (", each rung at its chosen point" if tuned else ""))
     results = {f"{rung}@{seed}": read_result(rung_dir(args.out, rung, seed)) for rung, seed in jobs}
-    table = results_table(args, results, jobs, dtype, grid)
+    table = results_table(args, results, jobs, dtype, grid, chosen)
     print(table)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
-    commands = {key: " ".join(["python"] + train_command(rung, seed, args, dtype)[1:])
+    commands = {key: " ".join(["python"] + train_command(rung, seed, args, dtype,
+                                                         chosen.get(rung))[1:])
                 for key, (rung, seed) in zip(results, jobs)}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"tokens": args.tokens, "dtype": dtype, "runs": results, "commands": commands,
-                   "grid": grid, "chosen": args.chosen}, f, indent=1)
+                   "grid": grid, "chosen": chosen}, f, indent=1)
     plot_curves(args, results, jobs, os.path.join(args.out, "val_acc.png"))
     print(f"wrote {args.out}/results.md, results.json, val_acc.png")
 
 
-def results_table(args, results, jobs, dtype, grid):
+def results_table(args, results, jobs, dtype, grid, chosen):
     """The markdown table: one row per rung (its first seed); the seeds' spread, mean and 95%
     interval where a rung has several; for a tuned ladder, the grid, and each rung against the
     one below it (Welch's t on the seeds)."""
@@ -303,7 +306,7 @@ def results_table(args, results, jobs, dtype, grid):
              "|---|---|---|---|---|---|---|" + ("---|" if grid else "")]
     for rung in args.rungs:
         r = results[f"{rung}@{FIRST_SEED}"]
-        point = args.chosen.get(rung)
+        point = chosen.get(rung)
         lines.append(f"| {rung} | {rung_change(rung)} | {r['params'] / 1e6:.2f}M | "
                      f"{r['tokens_per_s']:,.0f} | {r['wall_s'] / 60:.1f} min | "
                      f"{r['val_loss']:.3f} | {r['val_acc']:.2%} |"
@@ -330,7 +333,7 @@ def results_table(args, results, jobs, dtype, grid):
                   "| tune loss | tune acc |", "|---|---|---|---|---|"]
         for rung, points in grid.items():
             for p in points:
-                star = "*" if args.chosen[rung] == {"lr": p["lr"], "warmup": p["warmup"]} else ""
+                star = "*" if chosen[rung] == {"lr": p["lr"], "warmup": p["warmup"]} else ""
                 lines.append(f"| {rung} | {p['lr']:g} | {p['warmup']:g} | {p['val_loss']:.3f} | "
                              f"{p['val_acc']:.2%}{star} |")
         pairs = [(a, b) for a, b in zip(several, several[1:])]
@@ -708,14 +711,14 @@ def get_args(argv):
                    help="threads per rung (default: %(default)s)")
     p.add_argument("--data", default="data/stdlib", help="(default: %(default)s)")
     p.add_argument("--out", default="runs/ablate", help="(default: %(default)s)")
-    # fp32 by default: one precision for every rung, whatever a start-up measurement says. On
-    # this project's VM (AVX2, no bf16 units) a mini training step at one thread ran ~15x
-    # slower under bf16 autocast than in fp32, measured side by side in one process.
     p.add_argument("--lr_grid", type=floats, default=[],
                    help="peak LRs to tune every rung over (comma-separated), each rung then run "
                         "at its best on --seeds seeds (default: the preset's, untuned)")
     p.add_argument("--warmup_grid", type=floats, default=[],
                    help="LR warmups to tune over, as shares of the budget (default: the preset's)")
+    # fp32 by default: one precision for every rung, whatever a start-up measurement says. On
+    # this project's VM (AVX2, no bf16 units) a mini training step at one thread ran ~15x
+    # slower under bf16 autocast than in fp32, measured side by side in one process.
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="fp32",
                    help="precision of every rung; auto: train.py's choice, measured once "
                         "(default: %(default)s)")
@@ -742,13 +745,6 @@ def get_args(argv):
         p.error(f"--lr_grid must hold positive LRs, got {args.lr_grid}")
     if any(not 0 <= w < 1 for w in args.warmup_grid):
         p.error(f"--warmup_grid must hold shares of the budget in [0, 1), got {args.warmup_grid}")
-    # A grid over one of the two keeps the preset's value of the other.
-    laptop = train.preset_settings("laptop")
-    if args.lr_grid and not args.warmup_grid:
-        args.warmup_grid = [laptop.warmup_tokens / laptop.tokens]
-    if args.warmup_grid and not args.lr_grid:
-        args.lr_grid = [laptop.lr]
-    args.chosen = {}
     try:
         load_meta(args.data)  # "run prepare.py first"
     except ValueError as e:
