@@ -114,9 +114,10 @@ def report(name, c, min_words):
           f"{c['duplicate_code']} duplicate code: {c['pairs']} pairs")
 
 
-def load_pairs(data_dir, min_words, seed=DEV_SEED):
-    """{"train", "dev", "test"} pairs: train and dev from prepare.py's train files (dev: a seeded
-    DEV_SHARE of those files, whole files, so no file is in both), test from its val files."""
+def load_pairs(data_dir, min_words):
+    """{"train", "dev", "test"} pairs: train and dev from prepare.py's train files (dev: the
+    DEV_SHARE of those files that DEV_SEED draws, whole files, so no file is in both), test from
+    its val files."""
     train_files, val_files = split_files(data_dir)
     root = os.path.commonpath([os.path.abspath(p.parent) for p in train_files + val_files])
     splits = {}
@@ -129,7 +130,7 @@ def load_pairs(data_dir, min_words, seed=DEV_SEED):
                              "words)")
         splits[name] = found
     files = sorted({p["file"] for p in splits["train"]})
-    shuffled = np.random.default_rng(seed).permutation(len(files))
+    shuffled = np.random.default_rng(DEV_SEED).permutation(len(files))
     dev_files = {files[i] for i in shuffled[:max(1, round(DEV_SHARE * len(files)))]}
     if len(files) < 2:
         raise ValueError(f"the train split's pairs come from {len(files)} file: a dev split "
