@@ -380,7 +380,8 @@ def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tm
     train.main(tiny_args(data, out, *flags, "--max_steps", "3"))
     train.main(tiny_args(data, out, *flags, "--resume"))
     start = log_of(out, 1)[0]
-    recipe = dict(optimizer="adamw", grad_clip=1.0, schedule="linear", dropout_mode="bert")
+    recipe = dict(optimizer="adamw", beta2=0.999, grad_clip=1.0, schedule="linear",
+                  dropout_mode="bert")  # beta2: AdamW's own, BERT's
     ckpt = torch.load(out / "phase1" / "ckpt.pt", weights_only=True)
     for settings in (start["settings"], ckpt["run"]):
         assert {k: settings[k] for k in recipe} == recipe
@@ -388,6 +389,7 @@ def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tm
                  bert_dropout=True)
     assert {k: ckpt["config"][k] for k in model} == model
     assert "exp_avg" in ckpt["optimizer"]["state"][0]  # torch's AdamW, not StableAdamW ("m", "v")
+    assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
     steps = [r for r in log_of(out, 1) if "loss" in r]
     assert ckpt["finished"] and all("grad_norm" in r for r in steps)
     assert [r["lr"] for r in steps] == pytest.approx(
@@ -399,8 +401,20 @@ def test_recipe_and_model_flags_land_in_the_settings_log_and_checkpoint(data, tm
                 "--dtype", "fp32", "--eval_tokens", "128", "--seq_len", "32", "--max_steps", "1"])
     assert {k: log_of(out, 2)[0]["settings"][k] for k in recipe} == recipe
     default = train.phase_settings(train.get_args([]), train.PhaseStart(), 1)
-    assert {k: getattr(default, k) for k in recipe} == \
-        dict(optimizer="stableadamw", grad_clip=0.0, schedule="wsd", dropout_mode="modernbert")
+    assert {k: getattr(default, k) for k in recipe} == dict(optimizer="stableadamw", beta2=0.98,
+                                                            grad_clip=0.0, schedule="wsd",
+                                                            dropout_mode="modernbert")
+    adamw_at = train.phase_settings(train.get_args(["--optimizer", "adamw", "--beta2", "0.95"]),
+                                    train.PhaseStart(), 1)
+    assert (adamw_at.optimizer, adamw_at.beta2) == ("adamw", 0.95)
+
+
+def test_beta2_reaches_either_optimizer():
+    model = ModernBERT(Config(vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=16, window=4))
+    for kind, beta2, betas in [("stableadamw", None, (0.9, 0.98)), ("adamw", None, (0.9, 0.999)),
+                               ("stableadamw", 0.999, (0.9, 0.999)), ("adamw", 0.98, (0.9, 0.98))]:
+        opt = train.make_optimizer(model, 1e-3, 1e-5, kind, beta2)
+        assert all(g["betas"] == betas for g in opt.param_groups), (kind, beta2)
 
 
 def test_weight_decay_groups():

@@ -92,7 +92,10 @@ SETTINGS = [  # phase-1 values: (laptop, base-24gb, large-24gb), or one value fo
     # BERT's recipe, switch by switch (ModernBERT's first): the optimizer, gradient-norm clipping
     # (0: none; StableAdamW clips each update instead), the LR shape, and where dropout goes.
     Setting("optimizer", "stableadamw", ["stableadamw", "adamw"], None, "stableadamw (ModernBERT) "
-            "or adamw (BERT: betas 0.9, 0.999, eps 1e-6; with --grad_clip 1 --weight_decay 0.01)"),
+            "or adamw (BERT: eps 1e-6; with --grad_clip 1 --weight_decay 0.01)"),
+    # None: the optimizer's own, OWN_BETA2 (what --optimizer alone has always meant).
+    Setting("beta2", None, float, (lambda v: 0 < v < 1, "in (0, 1)"),
+            "Adam's second-moment decay (default: StableAdamW 0.98, AdamW BERT's 0.999)"),
     Setting("grad_clip", 0.0, float, at_least(0),
             "clip the gradient's global norm to this before each step; 0: off (BERT: 1.0)"),
     Setting("schedule", "wsd", ["wsd", "linear"], None, "wsd (ModernBERT: warmup, constant, "
@@ -174,8 +177,9 @@ def get_args(argv):
     for s in SETTINGS:
         if s.kind:
             choices = s.kind if isinstance(s.kind, list) else None
+            laptop = "" if s.value("laptop") is None else f" (laptop: {s.value('laptop')})"
             add(f"--{s.name}", type=None if choices else s.kind, choices=choices,
-                help=f"{s.help} (laptop: {s.value('laptop')})")
+                help=s.help + laptop)
     add = p.add_argument_group("running").add_argument
     add("--eval_every", type=int, default=200, help="steps between evals (default: %(default)s)")
     add("--eval_tokens", type=count, default=65536, help="the fixed eval set (default: 65536)")
@@ -449,6 +453,8 @@ def phase_settings(args, start, world):
                              f"{start.path}: --resume continues a run with its own settings")
         if value is not None:
             setattr(run, s.name, value)
+    if run.beta2 is None:  # the optimizer's own; a checkpoint keeps the value it ran with
+        run.beta2 = OWN_BETA2[run.optimizer]
     for small in ["micro_batch", "min_batch_size"]:
         if getattr(run, small) > run.batch_size:
             raise ValueError(f"{small} {getattr(run, small)} is larger than batch_size "
@@ -505,7 +511,7 @@ def model_and_optimizer(args, meta, start, run, device):
         except RuntimeError as e:
             raise ValueError(f"{start.path} does not fit the model: {e}") from None
     model.to(device)
-    optimizer = make_optimizer(model, run.lr, run.weight_decay, run.optimizer)
+    optimizer = make_optimizer(model, run.lr, run.weight_decay, run.optimizer, run.beta2)
     if start.source:
         optimizer.load_state_dict(start.source["optimizer"])  # phases 2, 3 keep Adam's moments
     optimizer.param_groups[0]["weight_decay"] = run.weight_decay
@@ -557,7 +563,8 @@ def print_banner(args, ph, start, device, bf16, use_compile):
     print(f"schedule: {run.tokens:,} tokens, peak LR {run.lr:g} {shape}; batch {batch}, "
           f"micro-batch {run.micro_batch}; {mfu}")
     clip = f", gradient norm clipped at {run.grad_clip:g}" if run.grad_clip else ""
-    print(f"recipe: {run.optimizer}{clip}, weight decay {run.weight_decay:g}, "
+    print(f"recipe: {run.optimizer} (beta2 {run.beta2:g}){clip}, "
+          f"weight decay {run.weight_decay:g}, "
           f"{run.mask_rate:.0%} masked, dropout {run.dropout:g} ({run.dropout_mode}'s places)")
 
 
@@ -801,16 +808,20 @@ class StableAdamW(torch.optim.Optimizer):
                 p.sub_(m.div(v_hat.sqrt_().add_(eps)).mul_(clipped_lr / (1 - beta1 ** t)))
 
 
-def make_optimizer(model, lr, weight_decay, kind="stableadamw"):
+OWN_BETA2 = {"stableadamw": 0.98, "adamw": 0.999}  # ModernBERT's and BERT's
+
+
+def make_optimizer(model, lr, weight_decay, kind="stableadamw", beta2=None):
     # Matrices (the embedding included) decay; norms and biases (1-D) do not.
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if p.dim() >= 2]
     vectors = [p for p in params if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
+    betas = (0.9, beta2 or OWN_BETA2[kind])
     if kind == "adamw":  # BERT: Adam, betas (0.9, 0.999), eps 1e-6, decay lr * wd (BERT: 0.01)
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
-    return StableAdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-6)
+    return StableAdamW(groups, lr=lr, betas=betas)
 
 
 # -------------------------------------------------------------------------- evaluation, checkpoints
