@@ -11,11 +11,13 @@ fixed eval set (train.py's, 15% masked), in its own process and its own runs/abl
     python ablate.py --rungs bert,modernbert --tokens 3e5 --seeds 1
     python ablate.py --long_range --run out           # what phases 2 and 3 buy: long-range use
     python ablate.py --rungs bert --lr_grid 1e-4,3e-4,1e-3 --warmup_grid 0.0078,0.1 --seeds 3
+    python ablate.py --rungs bert,modernbert --lr_grid 1e-4,1e-3 --lr_grid modernbert=5e-4,2e-3
 
---lr_grid / --warmup_grid tune each rung first: a seed-1337 run per grid point, scored on val's
-tune slice (never on the eval set the table reports), into runs/ablate/grid/; each rung then runs
-at its best point on --seeds seeds, and the table adds the grid, each rung's mean with its 95%
-interval, and each rung against the one before it (Welch's t).
+--lr_grid / --warmup_grid tune each rung first (RUNG=...: that rung over its own values): a
+seed-1337 run per grid point, scored on val's tune slice (never on the eval set the table
+reports), into runs/ablate/grid/; each rung then runs at its best point on --seeds seeds, and
+the table adds the grid, each rung's mean with its 95% interval, and each rung against the one
+before it (Welch's t).
 
 Writes runs/ablate/results.md (the table), results.json and val_acc.png (val accuracy against
 tokens, one line per rung). A rung that finished is reused and an interrupted one resumed, so
@@ -67,11 +69,15 @@ CHANGES = [
      dict(global_every=1), dict(global_every=3)),
     ("mask30", "30% masking", "30% masking, no next-sentence prediction", dict(mask_rate=0.15),
      dict(mask_rate=0.3)),
-    # BERT: Adam with decay 0.01 and the gradient norm clipped at 1; ModernBERT: StableAdamW,
-    # decay 1e-5 (fully decoupled), nothing clipped but each tensor's update.
-    ("stableadamw", "StableAdamW", "StableAdamW",
-     dict(optimizer="adamw", grad_clip=1.0, weight_decay=0.01),
-     dict(optimizer="stableadamw", grad_clip=0.0, weight_decay=1e-5)),
+    # BERT: Adam, beta2 0.999, decay 0.01, the gradient's norm clipped at 1; ModernBERT:
+    # StableAdamW, beta2 0.98, decay 1e-5, nothing clipped but each tensor's update. Three rungs:
+    # the optimizer alone comes with its decay's units (AdamW decays by lr * 0.01, StableAdamW
+    # by lr / peak LR * 1e-5: the same 1e-5 per step at the ladder's peak LR of 1e-3).
+    ("stableadamw", "StableAdamW", "StableAdamW", dict(optimizer="adamw", weight_decay=0.01),
+     dict(optimizer="stableadamw", beta2=0.999, weight_decay=1e-5)),
+    ("beta2", "Adam's beta2 0.98", "StableAdamW", {}, dict(beta2=0.98)),
+    ("no_clip", "no gradient-norm clipping", "StableAdamW", dict(grad_clip=1.0),
+     dict(grad_clip=0.0)),
     ("wsd", "warmup-stable-decay LR", "Warmup-stable-decay schedule", dict(schedule="linear"),
      dict(schedule="wsd")),
     # ModernBERT's: the batch grows from 4 to 8 sequences over 1/32 of the budget, as in train.py.
@@ -87,11 +93,15 @@ LADDER = ["bert"] + [name for name, *_ in CHANGES[:-1]] + ["modernbert"]
 DEFAULT_LEAVE_ONE_OUT = ["modernbert-rope", "modernbert-wsd", "modernbert-batch_warmup"]
 # The two ends, run on --seeds seeds; train.py's default seed first.
 ENDS, FIRST_SEED = ["bert", "modernbert"], train.preset_settings("laptop").seed
-# 400k tokens: 18 runs (14 rungs, 2 more seeds at each end), two at a time with one thread each,
-# in about 45 minutes on 2 CPU cores (measured: README, "What each change buys"). Only large
-# effects stand out of the seed spread at this budget; the README also has --tokens 1.6e6.
+# 400k tokens: 20 runs (16 rungs, 2 more seeds at each end), two at a time with one thread each;
+# 18 of them took about 45 minutes on 2 CPU cores before the optimizer's rung became three
+# (README, "What each change buys"). Only large effects stand out of the seed spread at this
+# budget; the README also has --tokens 1.6e6.
 DEFAULT_TOKENS = 400_000
 EVAL_POINTS = 10  # evals per rung without batch warmup (those with it make 1.5x the steps)
+# A head start or a gap? Beside each final number, the tokens its curve took to first reach this
+# val accuracy: well above the unigram plateau (~4%), reached by ModernBERT at 400k tokens.
+THRESHOLD = 0.20
 
 
 def rung_flags(rung):
@@ -174,6 +184,13 @@ def first_command(run_dir):
     return words[2:-1] if words[-1:] in (["--resume"], ["--overwrite"]) else words[2:]
 
 
+def same_flags(a, b):
+    """Two train.py command lines (lists of words) asking for the same run: the same flags with
+    the same values, in any order."""
+    pairs = lambda words: sorted(zip(words[::2], words[1::2])) if len(words) % 2 == 0 else words
+    return pairs(a) == pairs(b)
+
+
 def run_rung(job, args, dtype, progress):
     """One rung (one seed) as a train.py subprocess with --threads threads: resumed if it was
     interrupted, reused if it finished. Its console output goes to RUN_DIR/train.txt. Returns
@@ -184,7 +201,7 @@ def run_rung(job, args, dtype, progress):
         (f" (grid: LR {point['lr']:g}, warmup {point['warmup']:g})" if tune else "")
     cmd = train_command(rung, seed, args, dtype, point, tune)
     started_by = first_command(run_dir)
-    if started_by and started_by != cmd[2:]:  # not another run's numbers under this one's name
+    if started_by and not same_flags(started_by, cmd[2:]):  # not another run's numbers here
         progress(f"{name}: {run_dir} holds a run with other flags", done=True)
         return f"{name} ({run_dir} was started as `train.py {' '.join(started_by)}`: give " \
                "another --out, or delete it)"
@@ -246,25 +263,39 @@ def run_all(args, jobs, dtype, what):
                          "again to resume")
 
 
-def tune_grid(args, dtype):
-    """(grid, chosen): each rung over the grid of peak LR x LR warmup (seed 1337, scored on val's
-    tune slice), and its chosen point, the best tune accuracy (then the lower tune loss). A grid
-    over one of the two keeps the preset's value of the other."""
+def grid_points(args, rung):
+    """The rung's grid of peak LR x LR warmup: its own values where --lr_grid/--warmup_grid name
+    it, else the ones for every rung (a grid over one of the two keeps the preset's value of the
+    other); [] where neither flag covers the rung (it runs at the preset's)."""
     laptop = train.preset_settings("laptop")
-    points = [{"lr": lr, "warmup": w} for lr in args.lr_grid or [laptop.lr]
-              for w in args.warmup_grid or [laptop.warmup_tokens / laptop.tokens]]
-    run_all(args, [(rung, FIRST_SEED, p, True) for rung in args.rungs for p in points], dtype,
-            "the grid, on val's tune slice")
-    grid, chosen = {}, {}
-    for rung in args.rungs:
+    lrs, warmups = [grids.get(rung) or grids.get(None) for grids in (args.lr_grid,
+                                                                     args.warmup_grid)]
+    if not (lrs or warmups):
+        return []
+    return [{"lr": lr, "warmup": w} for lr in lrs or [laptop.lr]
+            for w in warmups or [laptop.warmup_tokens / laptop.tokens]]
+
+
+def tune_grid(args, dtype):
+    """(grid, chosen): each rung with a grid of several points over it (seed 1337, scored on
+    val's tune slice), and its chosen point, the best tune accuracy (then the lower tune loss). A
+    one-point grid is chosen as given, without grid runs; a rung without a grid is not in chosen."""
+    points = {rung: grid_points(args, rung) for rung in args.rungs}
+    chosen = {rung: p[0] for rung, p in points.items() if len(p) == 1}
+    tuned = [rung for rung in args.rungs if len(points[rung]) > 1]
+    if tuned:
+        run_all(args, [(rung, FIRST_SEED, p, True) for rung in tuned for p in points[rung]],
+                dtype, "the grid, on val's tune slice")
+    grid = {}
+    for rung in tuned:
         grid[rung] = [dict(p, **{k: v for k, v in read_result(grid_dir(args.out, rung, p)).items()
                                  if k in ("val_acc", "val_loss", "tokens_per_s", "wall_s")},
                            command=" ".join(["python"] + train_command(rung, FIRST_SEED, args,
                                                                        dtype, p, True)[1:]))
-                      for p in points]
+                      for p in points[rung]]
         best = max(grid[rung], key=lambda r: (r["val_acc"], -r["val_loss"]))
         chosen[rung] = {"lr": best["lr"], "warmup": best["warmup"]}
-    return grid, chosen
+    return grid, {rung: chosen[rung] for rung in args.rungs if rung in chosen}
 
 
 def ladder(args):
@@ -296,21 +327,23 @@ def ladder(args):
 
 def results_table(args, results, jobs, dtype, grid, chosen):
     """The markdown table: one row per rung (its first seed); the seeds' spread, mean and 95%
-    interval where a rung has several; for a tuned ladder, the grid, and each rung against the
-    one below it (Welch's t on the seeds)."""
+    interval where a rung has several; for a tuned ladder, the grid; and between rungs with
+    several seeds, each against the one below it (Welch's t on the seeds)."""
     lines = [f"Phase 1 on `{args.data}`, {args.tokens:,} tokens per rung, {dtype}, "
              f"{args.threads} thread(s) per run, {args.jobs} at a time, seed {FIRST_SEED}; val = "
              "train.py's fixed eval set (15% masked).", "",
-             "| rung | what changes | parameters | tokens/s | wall time | val loss | val acc |"
-             + (" peak LR, LR warmup (chosen on tune) |" if grid else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if grid else "")]
+             "| rung | what changes | parameters | tokens/s | wall time | val loss | val acc | "
+             f"tokens to {THRESHOLD:.0%} |" + (" peak LR, LR warmup |" if chosen else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if chosen else "")]
     for rung in args.rungs:
         r = results[f"{rung}@{FIRST_SEED}"]
         point = chosen.get(rung)
+        how = " (chosen on tune)" if rung in grid else " (given)"
         lines.append(f"| {rung} | {rung_change(rung)} | {r['params'] / 1e6:.2f}M | "
                      f"{r['tokens_per_s']:,.0f} | {r['wall_s'] / 60:.1f} min | "
-                     f"{r['val_loss']:.3f} | {r['val_acc']:.2%} |"
-                     + (f" {point['lr']:g}, {point['warmup']:g} of the budget |" if grid else ""))
+                     f"{r['val_loss']:.3f} | {r['val_acc']:.2%} | {to_threshold(r)} |"
+                     + (f" {point['lr']:g}, {point['warmup']:g} of the budget{how} |" if point
+                        else " the preset's |" if chosen else ""))
     seeds = sorted({seed for _, seed in jobs})
     accs = {rung: [results[f"{rung}@{s}"]["val_acc"] * 100 for s in seeds
                    if f"{rung}@{s}" in results] for rung in args.rungs}
@@ -318,7 +351,8 @@ def results_table(args, results, jobs, dtype, grid, chosen):
     if several:
         lines += ["", f"Seed-to-seed spread ({len(seeds)} seeds: {', '.join(map(str, seeds))}):",
                   "", "| rung | val acc per seed | mean | 95% interval | max - min | std "
-                  "| val loss per seed | max - min |", "|---|---|---|---|---|---|---|---|"]
+                  f"| val loss per seed | max - min | tokens to {THRESHOLD:.0%} per seed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for rung in several:
             a = np.array(accs[rung])
             losses = [results[f"{rung}@{s}"]["val_loss"] for s in seeds]
@@ -326,7 +360,8 @@ def results_table(args, results, jobs, dtype, grid, chosen):
             lines.append(f"| {rung} | {', '.join(f'{x:.2f}%' for x in a)} | {a.mean():.2f}% | "
                          f"{low:.2f}-{high:.2f}% | {a.max() - a.min():.2f} points | "
                          f"{a.std(ddof=1):.2f} points | {', '.join(f'{x:.3f}' for x in losses)} "
-                         f"| {max(losses) - min(losses):.3f} |")
+                         f"| {max(losses) - min(losses):.3f} | "
+                         f"{', '.join(to_threshold(results[f'{rung}@{s}']) for s in seeds)} |")
     if grid:
         lines += ["", "Each rung's grid (seed 1337, scored on val's tune slice, not on the eval "
                   "set above; * chosen):", "", "| rung | peak LR | LR warmup (share of the budget) "
@@ -336,14 +371,30 @@ def results_table(args, results, jobs, dtype, grid, chosen):
                 star = "*" if chosen[rung] == {"lr": p["lr"], "warmup": p["warmup"]} else ""
                 lines.append(f"| {rung} | {p['lr']:g} | {p['warmup']:g} | {p['val_loss']:.3f} | "
                              f"{p['val_acc']:.2%}{star} |")
-        pairs = [(a, b) for a, b in zip(several, several[1:])]
-        if pairs:
-            lines += ["", "Each rung against the one before it (val acc, mean over seeds; "
-                      "Welch's t):", "", "| rungs | difference | p |", "|---|---|---|"]
-            for a, b in pairs:
-                diff, p = welch(accs[b], accs[a])
-                lines.append(f"| {a} -> {b} | {diff:+.2f} points | {p:.3f} |")
+    pairs = compared_pairs(several)
+    if pairs:
+        lines += ["", "Each rung against the one before it, each leave-one-out rung against "
+                  "modernbert (val acc, mean over seeds; Welch's t):", "",
+                  "| rungs | difference | p |", "|---|---|---|"]
+        for a, b in pairs:
+            diff, p = welch(accs[b], accs[a])
+            lines.append(f"| {a} -> {b} | {diff:+.2f} points | {p:.3f} |")
     return "\n".join(lines)
+
+
+def to_threshold(result):
+    """The tokens at the first eval at or above THRESHOLD val accuracy, or 'never'."""
+    reached = [tokens for tokens, acc in result["curve"] if acc >= THRESHOLD]
+    return f"{reached[0] / 1e6:.2f}M" if reached else "never"
+
+
+def compared_pairs(rungs):
+    """(before, after) rung pairs to test: each ladder rung against the ladder rung before it in
+    the table, each leave-one-out rung (modernbert-CHANGE) against modernbert."""
+    ladder = [r for r in rungs if not r.startswith("modernbert-")]
+    pairs = list(zip(ladder, ladder[1:]))
+    return pairs + [("modernbert", r) for r in rungs
+                    if r.startswith("modernbert-") and "modernbert" in rungs]
 
 
 def mean_interval(values):
@@ -376,16 +427,20 @@ def plot_curves(args, results, jobs, path):
     contrast = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
     colors.update({r: contrast[i % len(contrast)] for i, r in enumerate(left_out)})
     for rung, color in colors.items():
-        for seed in sorted({s for r, s in jobs if r == rung}):
-            curve = np.array(results[f"{rung}@{seed}"]["curve"])
-            first = seed == FIRST_SEED
-            ax.plot(curve[:, 0] / 1e6, curve[:, 1] * 100, color=color,
-                    lw=1.8 if first else 0.7, ls="--" if rung.startswith("modernbert-") else "-",
-                    label=rung if first else None)
+        curves = [np.array(results[f"{rung}@{seed}"]["curve"]) * [1e-6, 100]
+                  for seed in sorted({s for r, s in jobs if r == rung})]  # (evals, 2) each
+        style = dict(color=color, ls="--" if rung.startswith("modernbert-") else "-")
+        if len(curves) > 1 and all(np.array_equal(c[:, 0], curves[0][:, 0]) for c in curves):
+            accs = np.stack([c[:, 1] for c in curves])      # (seeds, evals), at the same tokens
+            ax.fill_between(curves[0][:, 0], accs.min(0), accs.max(0), color=color, alpha=0.2)
+            ax.plot(curves[0][:, 0], accs.mean(0), lw=1.8, label=f"{rung} ({len(curves)} seeds)",
+                    **style)
+        else:
+            ax.plot(curves[0][:, 0], curves[0][:, 1], lw=1.8, label=rung, **style)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("val MLM accuracy, 15% masked (%)")
     ax.set_title(f"The ladder, BERT -> ModernBERT, phase 1 ({args.tokens:,} tokens per rung; "
-                 "thin lines: other seeds)", fontsize=10)
+                 "several seeds: their mean, the band from lowest to highest)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -696,8 +751,9 @@ def get_args(argv):
                                 "rung's own (e.g. -- --eval_tokens 32768).")
     count = lambda s: int(float(s))  # accepts 1e6
 
-    def floats(s):  # "1e-4,3e-4" -> [0.0001, 0.0003]
-        return [float(x) for x in s.split(",") if x.strip()]
+    def grid(s):  # "1e-4,3e-4" -> (None, [0.0001, 0.0003]); "bert=1e-4" -> ("bert", [0.0001])
+        rung, _, values = s.rpartition("=")
+        return rung.strip() or None, [float(x) for x in values.split(",") if x.strip()]
     p.add_argument("--rungs", default=",".join(LADDER + DEFAULT_LEAVE_ONE_OUT),
                    help="comma-separated, in table order: bert, the ladder's changes, "
                         "modernbert, modernbert-CHANGE (leave-one-out) (default: %(default)s)")
@@ -711,11 +767,13 @@ def get_args(argv):
                    help="threads per rung (default: %(default)s)")
     p.add_argument("--data", default="data/stdlib", help="(default: %(default)s)")
     p.add_argument("--out", default="runs/ablate", help="(default: %(default)s)")
-    p.add_argument("--lr_grid", type=floats, default=[],
+    p.add_argument("--lr_grid", type=grid, action="append", default=[], metavar="[RUNG=]LRS",
                    help="peak LRs to tune every rung over (comma-separated), each rung then run "
-                        "at its best on --seeds seeds (default: the preset's, untuned)")
-    p.add_argument("--warmup_grid", type=floats, default=[],
-                   help="LR warmups to tune over, as shares of the budget (default: the preset's)")
+                        "at its best on --seeds seeds; RUNG=LRS: that rung's own grid (give the "
+                        "flag again for each) (default: the preset's, untuned)")
+    p.add_argument("--warmup_grid", type=grid, action="append", default=[],
+                   metavar="[RUNG=]SHARES", help="LR warmups to tune over, as shares of the "
+                   "budget; RUNG=SHARES as for --lr_grid (default: the preset's)")
     # fp32 by default: one precision for every rung, whatever a start-up measurement says. On
     # this project's VM (AVX2, no bf16 units) a mini training step at one thread ran ~15x
     # slower under bf16 autocast than in fp32, measured side by side in one process.
@@ -741,10 +799,16 @@ def get_args(argv):
     for key in ("tokens", "seeds", "jobs", "threads", "probe_tokens", "probe_pairs"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
-    if any(not (lr > 0 and np.isfinite(lr)) for lr in args.lr_grid):
-        p.error(f"--lr_grid must hold positive LRs, got {args.lr_grid}")
-    if any(not 0 <= w < 1 for w in args.warmup_grid):
-        p.error(f"--warmup_grid must hold shares of the budget in [0, 1), got {args.warmup_grid}")
+    for key, ok, want in [("lr_grid", lambda v: v > 0 and np.isfinite(v), "positive LRs"),
+                          ("warmup_grid", lambda v: 0 <= v < 1, "shares of the budget in [0, 1)")]:
+        grids = dict(getattr(args, key))  # rung (None: every other rung) -> its values
+        for rung, values in grids.items():
+            name = f"--{key} {rung}=" if rung else f"--{key}"
+            if rung and rung not in args.rungs:
+                p.error(f"{name}: {rung!r} is not in --rungs")
+            if not values or not all(map(ok, values)):
+                p.error(f"{name} must hold {want}, got {values}")
+        setattr(args, key, grids)
     try:
         load_meta(args.data)  # "run prepare.py first"
     except ValueError as e:

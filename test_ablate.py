@@ -27,7 +27,7 @@ def run_of(argv):
 def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_path, write_data):
     """At the default budget (6.4M tokens) the top rung is exactly `python train.py --phase 1`;
     the bottom is BERT's parts and recipe; each rung between changes one thing (a change may be
-    several flags: the optimizer comes with its clipping and weight decay)."""
+    several flags: the GeGLU MLP comes with its width, the optimizer with its decay's units)."""
     data = write_data(tmp_path / "data", [40] * 10)
     args = ablate.get_args(["--tokens", "6.4e6", "--data", str(data)])
 
@@ -40,30 +40,43 @@ def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_pa
     assert {k: bert_config[k]
             for k in ("positions", "mlp", "bias", "prenorm", "global_every", "d_ff")} == \
         dict(positions="learned", mlp="gelu", bias=True, prenorm=False, global_every=1, d_ff=768)
-    assert {k: bert_settings[k] for k in ("mask_rate", "optimizer", "grad_clip", "weight_decay",
-                                          "schedule", "batch_warmup_tokens", "dropout_mode")} == \
-        dict(mask_rate=0.15, optimizer="adamw", grad_clip=1.0, weight_decay=0.01, schedule="linear",
-             batch_warmup_tokens=0, dropout_mode="bert")
+    assert {k: bert_settings[k] for k in ("mask_rate", "optimizer", "beta2", "grad_clip",
+                                          "weight_decay", "schedule", "batch_warmup_tokens",
+                                          "dropout_mode")} == \
+        dict(mask_rate=0.15, optimizer="adamw", beta2=0.999, grad_clip=1.0, weight_decay=0.01,
+             schedule="linear", batch_warmup_tokens=0, dropout_mode="bert")
     runs = [rung_run(rung) for rung in ablate.LADDER]
     for (name, *_), before, after in zip(ablate.CHANGES, runs, runs[1:]):
         changed = {k for part in (0, 1) for k in before[part] if before[part][k] != after[part][k]}
         expected = {"prenorm": {"prenorm"}, "no_bias": {"bias"}, "geglu": {"mlp", "d_ff"},
                     "rope": {"positions"}, "alternating": {"global_every"}, "mask30": {"mask_rate"},
-                    "stableadamw": {"optimizer", "grad_clip", "weight_decay"}, "wsd": {"schedule"},
+                    "stableadamw": {"optimizer", "weight_decay"}, "beta2": {"beta2"},
+                    "no_clip": {"grad_clip"}, "wsd": {"schedule"},
                     "batch_warmup": {"batch_warmup_tokens"},
                     "dropout": {"dropout_mode"}}[name]
         assert changed == expected, name
     # leave-one-out: ModernBERT with just that change back at BERT's
     loo_settings, _ = rung_run("modernbert-wsd")
     assert loo_settings == dict(default[0], schedule="linear")
+    loo_settings, _ = rung_run("modernbert-stableadamw")  # AdamW at ModernBERT's beta2 0.98
+    assert loo_settings == dict(default[0], optimizer="adamw", weight_decay=0.01)
+    assert loo_settings["beta2"] == 0.98
+
+
+def test_a_run_directory_is_the_same_run_whatever_the_order_of_its_flags():
+    assert ablate.same_flags(["--lr", "1e-3", "--seed", "1"], ["--seed", "1", "--lr", "1e-3"])
+    assert not ablate.same_flags(["--lr", "1e-3", "--seed", "1"], ["--lr", "1", "--seed", "1e-3"])
+    assert not ablate.same_flags(["--lr", "1e-3"], ["--lr", "1e-3", "--seed", "1"])
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--rungs", "bert,gpt"], "unknown rung 'gpt'"),
     (["--tokens", "0"], "--tokens must be at least 1"),
     (["--lr_grid", "0,1e-3"], "--lr_grid must hold positive LRs"),
-    (["--lr_grid", "fast"], "argument --lr_grid: invalid floats value: 'fast'"),
+    (["--lr_grid", "fast"], "argument --lr_grid: invalid grid value: 'fast'"),
     (["--warmup_grid", "0.1,1.5"], "--warmup_grid must hold shares of the budget in [0, 1)"),
+    (["--lr_grid", "gpt=1e-3"], "--lr_grid gpt=: 'gpt' is not in --rungs"),
+    (["--rungs", "bert", "--lr_grid", "bert="], "--lr_grid bert= must hold positive LRs, got []"),
     (["--data", "nowhere"], "no prepared data in nowhere/")])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys, write_data):
     data = write_data(tmp_path / "data", [40] * 10)
@@ -120,15 +133,18 @@ def test_a_two_rung_ladder_end_to_end(tmp_path, write_data, log_of):
 
 def test_a_tuned_ladder_chooses_on_tune_and_runs_every_rung_at_its_choice(tmp_path, write_data,
                                                                            log_of):
-    """--lr_grid: each rung's grid runs score val's tune slice; the chosen point is the grid's
-    best tune accuracy; every rung then runs at its own choice on 2 seeds, scored on val; the
-    grid, the choice, the seeds' interval and Welch's t reach results.json and the table."""
+    """--lr_grid: each rung's grid (modernbert's its own) runs score val's tune slice; the chosen
+    point is the grid's best tune accuracy; every rung then runs at its own choice on 2 seeds,
+    scored on val; the grid, the choice, the seeds' interval and Welch's t reach results.json
+    and the table."""
     data = write_data(tmp_path / "data", np.random.default_rng(2).integers(5, 90, 200).tolist(),
                       val_lengths=[40] * 6)  # 64 tokens for the eval set, more for tune
     out = tmp_path / "ablate"
     cmd = [sys.executable, str(HERE / "ablate.py"), "--data", str(data), "--out", str(out),
-           "--rungs", "bert,modernbert", "--tokens", "1000", "--seeds", "2", "--dtype", "fp32",
-           "--lr_grid", "1e-4,1e-2", "--warmup_grid", "0.1", "--",
+           "--rungs", "bert,modernbert,modernbert-wsd", "--tokens", "1000", "--seeds", "2",
+           "--dtype", "fp32", "--lr_grid", "1e-4,1e-2", "--lr_grid", "modernbert=1e-3,1e-2",
+           "--lr_grid", "modernbert-wsd=3e-3",
+           "--warmup_grid", "0.1", "--",
            "--model", "tiny", "--seq_len", "32", "--batch_size", "4", "--micro_batch", "2",
            "--eval_tokens", "64", "--eval_every", "4", "--d_ff", "64"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -136,9 +152,9 @@ def test_a_tuned_ladder_chooses_on_tune_and_runs_every_rung_at_its_choice(tmp_pa
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
-    for rung in ("bert", "modernbert"):
+    for rung, lrs in [("bert", [1e-4, 1e-2]), ("modernbert", [1e-3, 1e-2])]:
         grid = results["grid"][rung]
-        assert [(p["lr"], p["warmup"]) for p in grid] == [(1e-4, 0.1), (1e-2, 0.1)]
+        assert [(p["lr"], p["warmup"]) for p in grid] == [(lr, 0.1) for lr in lrs]
         for p in grid:
             log = log_of(out / "grid" / f"{rung}-lr{p['lr']:g}-warmup0.1", 1)
             assert log[0]["eval_set"] == "tune" and log[0]["settings"]["lr"] == p["lr"]
@@ -158,6 +174,23 @@ def test_a_tuned_ladder_chooses_on_tune_and_runs_every_rung_at_its_choice(tmp_pa
         assert f"{np.mean(accs) - half:.2f}-{np.mean(accs) + half:.2f}%" in row
     assert "| bert -> modernbert |" in table and "1e-02 |" not in table
     assert sum(line.endswith("%* |") for line in table.splitlines()) == 2  # one choice per rung
+    # a one-point grid is taken as given: no grid runs, both seeds at it, against modernbert
+    assert results["chosen"]["modernbert-wsd"] == {"lr": 3e-3, "warmup": 0.1}
+    assert "modernbert-wsd" not in results["grid"]
+    assert not list((out / "grid").glob("modernbert-wsd*"))
+    assert [log_of(out / d, 1)[0]["settings"]["lr"] for d in
+            ("modernbert-wsd", "modernbert-wsd-seed1338")] == [3e-3, 3e-3]
+    assert "| modernbert -> modernbert-wsd |" in table
+    assert "0.003, 0.1 of the budget (given)" in table
+
+
+def test_the_threshold_column_and_the_compared_pairs():
+    assert ablate.to_threshold({"curve": [(1e5, 0.04), (2e5, 0.25), (3e5, 0.19)]}) == "0.20M"
+    assert ablate.to_threshold({"curve": [(1e5, 0.04), (2e5, 0.19)]}) == "never"
+    assert ablate.compared_pairs(["bert", "prenorm", "modernbert", "modernbert-rope",
+                                  "modernbert-wsd"]) == \
+        [("bert", "prenorm"), ("prenorm", "modernbert"), ("modernbert", "modernbert-rope"),
+         ("modernbert", "modernbert-wsd")]
 
 
 # ----------------------------------------------------------------------------- long range
