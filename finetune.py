@@ -19,11 +19,12 @@ held out as dev, which picks the fusion weight (never the test queries).
 
 Two test sets: the stdlib val files' pairs (every test function a candidate for every query), and
 code pretraining never saw, the pinned packages in PACKAGES, in pools of 1,000 as CodeSearchNet
-ranks them. On both: BM25, each model before fine-tuning (zero-shot) and after, the hybrids of
-BM25 and the model (reciprocal rank fusion; a weighted sum of standardized scores), and with
---rerank_steps a cross-encoder (classify.py's head, one logit) that reorders BM25's top-k. Every
-system's per-query ranks go to results.json, with the paired bootstrap interval of its MRR@10
-against BM25. out/finetune/ holds ckpt.pt, tokenizer.json, hf/, rerank/ and results.json.
+ranks them, one more pool of theirs picking their own fusion weight. On both: BM25, each model
+before fine-tuning (zero-shot) and after, the hybrids of BM25 and the model (reciprocal rank
+fusion; a weighted sum of standardized scores), and with --rerank_steps a cross-encoder
+(classify.py's head, one logit) that reorders BM25's top-k. Every system's per-query ranks go to
+results.json, with the paired bootstrap interval of its MRR@10 against BM25. out/finetune/
+holds ckpt.pt, tokenizer.json, hf/, rerank/ and results.json.
 """
 import argparse
 import importlib.metadata
@@ -51,7 +52,7 @@ from runtime import (DEFAULT_RUN_DIR, Classifier, autocast_for, device_flag, emb
                      speed_setup, truncated, write_json)
 from train import make_optimizer
 
-DEFAULTS = dict(steps=400, batch_size=32, lr=2e-4, warmup=0.1, weight_decay=1e-5,
+DEFAULTS = dict(steps=800, batch_size=32, lr=5e-4, warmup=0.1, weight_decay=1e-5,
                 temperature=0.05, pool="mean", max_query_tokens=MAX_QUERY_TOKENS,
                 max_doc_tokens=MAX_DOC_TOKENS, min_query_words=3, hard_negatives=0,
                 loss="one-way", seed=1337)
@@ -63,6 +64,10 @@ RERANK_DEFAULTS = dict(rerank_steps=0, rerank_queries=8, rerank_negatives=7, rer
 PACKAGES = {"scikit-learn": "sklearn", "matplotlib": "matplotlib"}
 POOL = 1000  # candidates per query in the second test set, as CodeSearchNet
 DEV_SHARE = 0.1  # of the train files, held out to choose the fusion weight
+# Where each test set's fusion weight is chosen: the stdlib set's on that dev split; the packages'
+# on a pool of their own pairs that is never scored as a test (the pool after the scored ones).
+# Code unlike the training code wants more of BM25 (measured: README).
+DEV_OF = {"stdlib": "dev", "packages": "packages-dev"}
 DEV_SEED = 1337  # which files: fixed, so that every --seed trains and is chosen on the same pairs
 
 
@@ -354,24 +359,32 @@ def best_weight(bm25_dev, dense_dev):
     return max(mrr, key=mrr.get), mrr
 
 
+def reported_sets(sets):
+    """The test sets' names: every set but the dev sets, which only choose settings."""
+    return [n for n in sets if n not in DEV_OF.values()]
+
+
 def dense_rows(model, tokenizer, label, settings, sets, bm25, bf16, began):
-    """The model's rows: dense alone, and its two hybrids with BM25 (the weight chosen on dev)."""
+    """The model's rows: dense alone, and its two hybrids with BM25 (each test set's weight
+    chosen on its dev set, DEV_OF)."""
     dense = {name: [dense_scores(model, tokenizer, pool, settings, bf16, f"{label} {name}")
                     for pool in pools] for name, pools in sets.items()}
-    rows = [system_row(f"{label}", {n: dense[n] for n in sets if n != "dev"},
-                       time.perf_counter() - began)]
+    tests = reported_sets(sets)
+    rows = [system_row(f"{label}", {n: dense[n] for n in tests}, time.perf_counter() - began)]
     if "dev" not in sets:
         return rows, dense
-    weight, grid = best_weight(bm25["dev"], dense["dev"])
     rows[0]["dev"] = cs.retrieval_metrics(set_ranks(dense["dev"]))  # what settings are chosen on
-    tests = [n for n in sets if n != "dev"]
     rows.append(system_row(f"{label} + BM25, reciprocal rank fusion (k = 60)",
                            {n: [cs.reciprocal_rank_fusion([b, d]) for b, d in
                                 zip(bm25[n], dense[n])] for n in tests}, 0.0))
-    rows.append(system_row(f"{label} + BM25, weighted (BM25 weight {weight:.1f}, chosen on dev)",
-                           {n: [cs.weighted_fusion(b, d, weight) for b, d in
+    choices = {n: best_weight(bm25[DEV_OF[n]], dense[DEV_OF[n]]) for n in tests}
+    weights = {n: weight for n, (weight, _) in choices.items()}
+    chosen = ", ".join(f"{weights[n]:.1f} for {n}" for n in tests)
+    rows.append(system_row(f"{label} + BM25, weighted (BM25 weight {chosen}, chosen on dev)",
+                           {n: [cs.weighted_fusion(b, d, weights[n]) for b, d in
                                 zip(bm25[n], dense[n])] for n in tests}, 0.0,
-                           weight=weight, dev_grid=grid))
+                           weight=weights["stdlib"], weights=weights,
+                           dev_grid={n: grid for n, (_, grid) in choices.items()}))
     return rows, dense
 
 
@@ -391,7 +404,7 @@ def model_rows(source, settings, resumed, out_dir, rerank_plan, splits, sets, bm
     quiet_encoder(model)
     folder = source if os.path.isdir(source) else os.path.dirname(source)
     tokenizer_file = os.path.join(folder, "tokenizer.json")
-    tests = {n: p for n, p in sets.items() if n != "dev"}
+    tests = {n: sets[n] for n in reported_sets(sets)}
     began = time.perf_counter()
     rows = dense_rows(model, tokenizer, f"{source} zero-shot", settings, tests, bm25, bf16,
                       began)[0]
@@ -440,10 +453,11 @@ def rerank_row(source, settings, rerank_plan, out_dir, train, sets, bm25, negati
                  rerank_dir, resumed, bf16, source, asdict(encoder.config), ckpt_every,
                  lambda: export_classifier(model, rerank_dir, tokenizer_file, ["relevant"]),
                  desc="cross-encoder")
+    scored = reported_sets(sets) + ["dev"]  # (nothing to choose on packages-dev)
     scores = {n: [rerank_scores(model, tokenizer, pool, b, s, bf16, f"rerank {n}")
-                  for pool, b in zip(pools, bm25[n])] for n, pools in sets.items()}
+                  for pool, b in zip(sets[n], bm25[n])] for n in scored}
     row = system_row(f"{source} cross-encoder over BM25's top {s['rerank_top_k']}",
-                     {n: scores[n] for n in sets if n != "dev"}, time.perf_counter() - began,
+                     {n: scores[n] for n in reported_sets(sets)}, time.perf_counter() - began,
                      out=rerank_dir, settings=rerank_settings)
     row["dev"] = cs.retrieval_metrics(set_ranks(scores["dev"]))  # what its settings are chosen on
     return row
@@ -516,7 +530,8 @@ def get_args(argv):
     g.add_argument("--pool_size", type=int, default=POOL,
                    help="candidates per query in the second test set (default: %(default)s)")
     g.add_argument("--pools", type=int, default=1,
-                   help="pools of the second test set scored, at most (default: %(default)s)")
+                   help="pools of the second test set scored, at most; the pool after them is "
+                        "its dev pool, never scored (default: %(default)s)")
     g.add_argument("--ckpt_every", type=int, default=100,
                    help="steps between checkpoints (default: %(default)s)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
@@ -581,8 +596,13 @@ def run_all(args, began):
     sets = {"dev": [splits["dev"]], "stdlib": [splits["test"]]}
     versions = {}
     if args.packages:
-        sets["packages"], versions = package_pairs(args.packages, runs[0][0]["min_query_words"],
-                                                   args.pool_size, args.pools)
+        pools, versions = package_pairs(args.packages, runs[0][0]["min_query_words"],
+                                        args.pool_size, args.pools + 1)
+        if len(pools) < 2:
+            raise ValueError(f"the packages give one pool of {args.pool_size}: it takes two, one "
+                             "to score and the packages' dev pool (a smaller --pool_size?)")
+        scored = pools[:min(args.pools, len(pools) - 1)]
+        sets["packages"], sets["packages-dev"] = scored, [pools[len(scored)]]
     for source, (settings, _) in zip(sources, runs):
         context = load_model(source, "cpu")[0].config.max_seq_len
         if max(settings["max_query_tokens"], settings["max_doc_tokens"]) > context:
@@ -595,13 +615,13 @@ def run_all(args, began):
     print(f"{len(splits['train'])} training pairs, {len(splits['dev'])} dev pairs, "
           f"{len(splits['test'])} stdlib test pairs (each query ranks all of them)"
           + (f", {sum(map(len, sets['packages']))} package test pairs in pools of "
-             f"{args.pool_size}" if args.packages else "")
+             f"{args.pool_size} and a dev pool" if args.packages else "")
           + f"; {device}, {'bf16 autocast' if bf16 else 'fp32'}")
 
     start = time.perf_counter()
     bm25 = {name: [cs.bm25_scores([p["query"] for p in pool], [p["code"] for p in pool])
                    for pool in pools] for name, pools in sets.items()}
-    tests = [n for n in sets if n != "dev"]
+    tests = reported_sets(sets)
     rows = [system_row("BM25", {n: bm25[n] for n in tests}, time.perf_counter() - start)]
     for source, (settings, resumed), out_dir, plan in zip(sources, runs, out_dirs, reranks):
         rows += model_rows(source, settings, resumed, out_dir, plan, splits, sets, bm25, device,
@@ -612,6 +632,7 @@ def run_all(args, began):
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"),
                {"train_pairs": len(splits["train"]), "dev_pairs": len(splits["dev"]),
+                "packages_dev_pairs": sum(map(len, sets.get("packages-dev", []))),
                 "test_pairs": {n: sum(map(len, sets[n])) for n in tests},
                 "pool_size": {n: len(sets[n][0]) for n in tests}, "packages": versions,
                 "bf16": bf16, "rows": rows, "wall_seconds": time.perf_counter() - began})

@@ -320,12 +320,17 @@ def test_main_prints_the_table(setup, tmp_path, capsys):
     assert [r["name"] for r in rows] == [
         "BM25", f"{c} zero-shot", f"{c} fine-tuned",
         f"{c} fine-tuned + BM25, reciprocal rank fusion (k = 60)",
-        f"{c} fine-tuned + BM25, weighted (BM25 weight {rows[4]['weight']:.1f}, chosen on dev)",
+        f"{c} fine-tuned + BM25, weighted (BM25 weight {rows[4]['weights']['stdlib']:.1f} for "
+        f"stdlib, {rows[4]['weights']['packages']:.1f} for packages, chosen on dev)",
         f"{c} cross-encoder over BM25's top 3"]
     printed = capsys.readouterr().out
     assert "| BM25 |" in printed and "| system | stdlib MRR@10 | stdlib vs BM25 (95%) |" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["test_pairs"] == {"stdlib": 12, "packages": 40}
+    assert results["packages_dev_pairs"] == 20  # the third pool: never scored, it picks a weight
+    for name, grid in rows[4]["dev_grid"].items():  # each set's weight: its dev set's best
+        assert rows[4]["weights"][name] == max(grid, key=grid.get)
+    assert rows[4]["weight"] == rows[4]["weights"]["stdlib"]  # what sample.py's hybrid takes
     assert results["packages"]["tqdm"] and results["pool_size"] == {"stdlib": 12, "packages": 20}
     for saved, row in zip(results["rows"], rows):
         for name in ("stdlib", "packages"):
