@@ -635,11 +635,23 @@ def planted_rows(data, meta, n_pairs, distances, seed=0, define=True):
 
 
 def planted_accuracy(model, rows, row_distances, autocast):
-    """{d: (correct, count)} over the planted uses."""
+    """({d: (correct, count)}, {d: [hit or not, per planted use]}) over the planted uses; the
+    uses are the same, in the same order, for every model, so two models' hits pair up."""
     hits = np.concatenate(predict(model, rows, autocast, 8192))
     distances = np.concatenate(row_distances)
-    return {d: (int(hits[distances == d].sum()), int((distances == d).sum()))
-            for d in sorted(set(distances.tolist()))}
+    ds = sorted(set(distances.tolist()))
+    return ({d: (int(hits[distances == d].sum()), int((distances == d).sum())) for d in ds},
+            {d: hits[distances == d].astype(int).tolist() for d in ds})
+
+
+def mcnemar(before, after):
+    """(uses only `after` gets right, uses only `before` gets right, the exact two-sided McNemar
+    p): the paired test of two models on the same uses."""
+    from scipy import stats
+    before, after = np.asarray(before, bool), np.asarray(after, bool)
+    gained, lost = int((after & ~before).sum()), int((before & ~after).sum())
+    p = stats.binomtest(min(gained, lost), gained + lost, 0.5).pvalue if gained + lost else 1.0
+    return gained, lost, float(p)
 
 
 def long_range(args):
@@ -654,15 +666,16 @@ def long_range(args):
     print(f"ablate.py --long_range: {args.run}/phase{{1,2,3}}, {len(docs)} val documents of "
           f"2048+ tokens ({sum(e - s for s, e in docs):,} tokens, each cut to its first "
           f"{max(ROW_LENGTHS)}), {'bf16' if bf16 else 'fp32'}")
-    results = {"buckets": {}, "planted": {}, "control": {}}
+    results = {"buckets": {}, "planted": {}, "control": {}, "planted_hits": {}}
     for phase in (1, 2, 3):
         model = load_phase(args.run, phase, max(ROW_LENGTHS))
         t0 = time.time()
         for row_len in ROW_LENGTHS:
             sums = distance_accuracy(model, args.data, meta, docs, row_len, autocast)
             results["buckets"][f"{phase}@{row_len}"] = sums.tolist()
-        results["planted"][phase] = planted_accuracy(model, *planted, autocast)
-        results["control"][phase] = planted_accuracy(model, *control, autocast)
+        results["planted"][phase], results["planted_hits"][phase] = \
+            planted_accuracy(model, *planted, autocast)
+        results["control"][phase] = planted_accuracy(model, *control, autocast)[0]
         print(f"phase {phase}: evaluated in {time.time() - t0:.0f} s "
               f"(theta global {model.config.global_theta:g})", flush=True)
     report = long_range_report(args, results)
@@ -704,6 +717,15 @@ def long_range_report(args, results):
         lines.append(f"| {phase} | " + " | ".join(accuracy_cell(*by_distance[d])
                                                   for d in PROBE_DISTANCES) +
                      f" | {accuracy_cell(*control)} |")
+    lines += ["", "Phase against phase on the same repeats (exact McNemar test: repeats only the "
+              "later phase gets right / only the earlier one, two-sided p):", "",
+              "| phases | " + " | ".join(f"d = {d:,}" for d in PROBE_DISTANCES) + " |",
+              "|---|" + "---|" * len(PROBE_DISTANCES)]
+    hits = results["planted_hits"]
+    for a, b in [(1, 2), (2, 3), (1, 3)]:
+        cells = [mcnemar(hits[a][d], hits[b][d]) for d in PROBE_DISTANCES]
+        lines.append(f"| {a} -> {b} | " + " | ".join(f"+{g} / -{l}, p = {p:.2f}"
+                                                   for g, l, p in cells) + " |")
     return "\n".join(lines)
 
 

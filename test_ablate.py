@@ -264,5 +264,18 @@ def test_long_range_end_to_end_on_a_tiny_run(tmp_path, write_data):
     for phase in ("1", "2", "3"):
         counts = [results["planted"][phase][str(d)][1] for d in ablate.PROBE_DISTANCES]
         assert len(set(counts)) == 1 and 0 < counts[0] <= 8, counts  # the same repeats at every d
-    assert "| 3 | 8,192 |" in (out / "long_range.md").read_text()
+    for phase in ("1", "2", "3"):  # each use's hit, in the same order: they sum to the counts
+        for d in ablate.PROBE_DISTANCES:
+            hits = results["planted_hits"][phase][str(d)]
+            assert [sum(hits), len(hits)] == results["planted"][phase][str(d)]
+    report = (out / "long_range.md").read_text()
+    assert "| 3 | 8,192 |" in report and "| 1 -> 2 | +" in report and "| 2 -> 3 | +" in report
     assert (out / "long_range.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mcnemar_by_hand():
+    # after gains uses 2 and 3, loses use 1: 2 against 1 discordant, p = P(X <= 1 of 3) * 2 = 1
+    assert ablate.mcnemar([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]) == (2, 1, 1.0)
+    # six uses lost, none gained: p = 2 * 0.5^6
+    assert ablate.mcnemar([1] * 6 + [0], [0] * 7) == (0, 6, pytest.approx(2 * 0.5 ** 6))
+    assert ablate.mcnemar([1, 0], [1, 0]) == (0, 0, 1.0)  # no discordant use: nothing to tell
