@@ -89,6 +89,13 @@ CHANGES = [
 ]
 README_ANCHOR = "#from-the-paper-to-the-code"
 LADDER = ["bert"] + [name for name, *_ in CHANGES[:-1]] + ["modernbert"]
+# ModernBERT with something added that train.py's phase 1 does not do, each with the rung it is
+# there to be compared with. The wsd rung compares a schedule that stays at its peak (WSD's decay
+# is phase 3's) with one that decays to zero: the area under the LR, not the shape. With a
+# cooldown of its own, WSD ends its phase 1 decayed too, and the two shapes compare each with its
+# decay (at their tuned LRs: --lr_grid RUNG=...).
+VARIANTS = {"modernbert+cooldown": ("phase 3's 1 - sqrt decay over phase 1's last 20%",
+                                    dict(schedule="wsd-cooldown"), "modernbert-wsd")}
 # Leave-one-out: the changes whose rungs moved most at the default budget (README).
 DEFAULT_LEAVE_ONE_OUT = ["modernbert-rope", "modernbert-wsd", "modernbert-batch_warmup"]
 # The two ends, run on --seeds seeds; train.py's default seed first.
@@ -108,6 +115,8 @@ def rung_flags(rung):
     """train.py flags (a dict) of a rung: "bert", a ladder rung named after the change it adds,
     "modernbert", or "modernbert-CHANGE" (ModernBERT with that change back at BERT's)."""
     names = [name for name, *_ in CHANGES]
+    if rung in VARIANTS:
+        return {**rung_flags("modernbert"), **VARIANTS[rung][1]}
     if rung.startswith("modernbert-") and rung[len("modernbert-"):] in names:
         left_out = rung[len("modernbert-"):]
         flags = {}
@@ -127,6 +136,8 @@ def rung_change(rung):
     """What the rung changes, for the table, linked to the paper-to-code row it tests."""
     if rung == "bert":
         return "BERT: architecture and recipe"
+    if rung in VARIANTS:
+        return f"ModernBERT with {VARIANTS[rung][0]}"
     for name, label, row, _, _ in CHANGES:
         link = f" ([{row}]({README_ANCHOR}))" if row else ""
         if rung == name or (rung == "modernbert" and name == "dropout"):
@@ -390,11 +401,14 @@ def to_threshold(result):
 
 def compared_pairs(rungs):
     """(before, after) rung pairs to test: each ladder rung against the ladder rung before it in
-    the table, each leave-one-out rung (modernbert-CHANGE) against modernbert."""
-    ladder = [r for r in rungs if not r.startswith("modernbert-")]
+    the table, each leave-one-out rung (modernbert-CHANGE) against modernbert, each variant
+    against modernbert and against the rung it is there to be compared with."""
+    ladder = [r for r in rungs if r in LADDER]
     pairs = list(zip(ladder, ladder[1:]))
-    return pairs + [("modernbert", r) for r in rungs
-                    if r.startswith("modernbert-") and "modernbert" in rungs]
+    pairs += [("modernbert", r) for r in rungs
+              if r.startswith("modernbert-") and "modernbert" in rungs]
+    return pairs + [(other, r) for r in rungs if r in VARIANTS
+                    for other in ("modernbert", VARIANTS[r][2]) if other in rungs]
 
 
 def mean_interval(values):
@@ -420,16 +434,16 @@ def plot_curves(args, results, jobs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    # The ladder dark to light; each leave-one-out rung (dashed) in a colour of its own.
-    ladder = [r for r in args.rungs if not r.startswith("modernbert-")]
-    left_out = [r for r in args.rungs if r.startswith("modernbert-")]
+    # The ladder dark to light; each leave-one-out rung and variant (dashed) in a colour of its own.
+    ladder = [r for r in args.rungs if r in LADDER]
+    left_out = [r for r in args.rungs if r not in LADDER]
     colors = dict(zip(ladder, plt.cm.viridis(np.linspace(0, 0.9, len(ladder)))))
     contrast = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
     colors.update({r: contrast[i % len(contrast)] for i, r in enumerate(left_out)})
     for rung, color in colors.items():
         curves = [np.array(results[f"{rung}@{seed}"]["curve"]) * [1e-6, 100]
                   for seed in sorted({s for r, s in jobs if r == rung})]  # (evals, 2) each
-        style = dict(color=color, ls="--" if rung.startswith("modernbert-") else "-")
+        style = dict(color=color, ls="-" if rung in LADDER else "--")
         if len(curves) > 1 and all(np.array_equal(c[:, 0], curves[0][:, 0]) for c in curves):
             accs = np.stack([c[:, 1] for c in curves])      # (seeds, evals), at the same tokens
             ax.fill_between(curves[0][:, 0], accs.min(0), accs.max(0), color=color, alpha=0.2)
@@ -778,7 +792,8 @@ def get_args(argv):
         return rung.strip() or None, [float(x) for x in values.split(",") if x.strip()]
     p.add_argument("--rungs", default=",".join(LADDER + DEFAULT_LEAVE_ONE_OUT),
                    help="comma-separated, in table order: bert, the ladder's changes, "
-                        "modernbert, modernbert-CHANGE (leave-one-out) (default: %(default)s)")
+                        "modernbert, modernbert-CHANGE (leave-one-out), "
+                        f"{', '.join(VARIANTS)} (default: %(default)s)")
     p.add_argument("--tokens", type=count, default=DEFAULT_TOKENS,
                    help="token budget of every rung (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3,
@@ -816,8 +831,8 @@ def get_args(argv):
         try:
             rung_flags(rung)
         except ValueError:
-            p.error(f"unknown rung {rung!r}; choose from {', '.join(LADDER)}, or "
-                    f"modernbert-CHANGE for a change in {', '.join(n for n, *_ in CHANGES)}")
+            p.error(f"unknown rung {rung!r}; choose from {', '.join(LADDER + list(VARIANTS))}, "
+                    f"or modernbert-CHANGE for a change in {', '.join(n for n, *_ in CHANGES)}")
     for key in ("tokens", "seeds", "jobs", "threads", "probe_tokens", "probe_pairs"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")

@@ -61,6 +61,10 @@ def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_pa
     loo_settings, _ = rung_run("modernbert-stableadamw")  # AdamW at ModernBERT's beta2 0.98
     assert loo_settings == dict(default[0], optimizer="adamw", weight_decay=0.01)
     assert loo_settings["beta2"] == 0.98
+    # a variant: ModernBERT with one thing added, here phase 1's own cooldown
+    variant_settings, variant_config = rung_run("modernbert+cooldown")
+    assert variant_settings == dict(default[0], schedule="wsd-cooldown")
+    assert variant_config == default[1]
 
 
 def test_a_run_directory_is_the_same_run_whatever_the_order_of_its_flags():
@@ -191,6 +195,12 @@ def test_the_threshold_column_and_the_compared_pairs():
                                   "modernbert-wsd"]) == \
         [("bert", "prenorm"), ("prenorm", "modernbert"), ("modernbert", "modernbert-rope"),
          ("modernbert", "modernbert-wsd")]
+    # a variant: against modernbert and the rung it is there for, whichever are in the table
+    assert ablate.compared_pairs(["modernbert", "modernbert-wsd", "modernbert+cooldown"]) == \
+        [("modernbert", "modernbert-wsd"), ("modernbert", "modernbert+cooldown"),
+         ("modernbert-wsd", "modernbert+cooldown")]
+    assert ablate.compared_pairs(["modernbert-wsd", "modernbert+cooldown"]) == \
+        [("modernbert-wsd", "modernbert+cooldown")]
 
 
 # ----------------------------------------------------------------------------- long range

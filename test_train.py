@@ -64,6 +64,16 @@ def test_linear_schedule_hand_picked_points():
     assert [lr(0, 2, 0), lr(250, 2, 0), lr(750, 3, 0)] == pytest.approx([1.0, 0.75, 0.25])
 
 
+def test_cooldown_schedule_hand_picked_points():
+    """wsd-cooldown: phase 1 as wsd until its last 20%, then phase 3's 1 - sqrt decay there:
+    over 10,000 tokens the decay starts at 8,000; at 8,500 a quarter of it is done (sqrt 1/2)."""
+    lr = lambda t, phase=1: train.lr_at(phase, t, 1.0, 1000, 10_000, "wsd-cooldown")
+    assert [lr(500), lr(1000), lr(8000)] == pytest.approx([0.5, 1.0, 1.0])
+    assert [lr(8500), lr(10_000), lr(11_000)] == pytest.approx([0.001 + 0.999 * 0.5, 0.001, 0.001])
+    # phases 2 and 3 are wsd's
+    assert [lr(5000, 2), lr(2500, 3)] == pytest.approx([1.0, 0.001 + 0.999 * 0.5])
+
+
 def test_phase_defaults_keep_the_papers_relations():
     phase1 = train.RunSettings(**{**vars(train.preset_settings("laptop")), **dict(
         seq_len=256, tokens=1_719_000, lr=8e-4, warmup_tokens=3000, batch_size=32, min_batch_size=8,

@@ -98,8 +98,10 @@ SETTINGS = [  # phase-1 values: (laptop, base-24gb, large-24gb), or one value fo
             "Adam's second-moment decay (default: StableAdamW 0.98, AdamW BERT's 0.999)"),
     Setting("grad_clip", 0.0, float, at_least(0),
             "clip the gradient's global norm to this before each step; 0: off (BERT: 1.0)"),
-    Setting("schedule", "wsd", ["wsd", "linear"], None, "wsd (ModernBERT: warmup, constant, "
-            "phase 3's decay) or linear (BERT: warmup, then to 0 in each phase)"),
+    Setting("schedule", "wsd", ["wsd", "linear", "wsd-cooldown"], None, "wsd (ModernBERT: "
+            "warmup, constant, phase 3's decay), linear (BERT: warmup, then to 0 in each phase) "
+            "or wsd-cooldown (wsd, with phase 3's decay also over phase 1's last 20%%: a "
+            "phase-1-only run that ends decayed, to compare with linear)"),
     Setting("dropout_mode", "modernbert", ["modernbert", "bert"], None, "modernbert (--dropout "
             "on the attention output) or bert (also embeddings, attention probs, MLP output)"),
     # Phases 2, 3 train at phase 1's LR and weight decay times these (preset only, no flag): base
@@ -126,6 +128,10 @@ MODEL_SWITCHES = ["positions", "mlp", "bias", "prenorm"]
 PAPER_TOKENS = {1: 1719, 2: 250, 3: 50}
 LENGTH_FACTOR = 8                 # context extension: 1024 -> 8192
 DECAY_FLOOR = 0.001               # phase 3 ends at 0.001 x its peak LR
+# wsd-cooldown's share of phase 1 spent decaying: 20%, with 1 - sqrt, matched a cosine schedule
+# of the same length (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond
+# Fixed Training Durations").
+COOLDOWN_SHARE = 0.2
 EVAL_SEED = 1234                  # fixed, so evals compare across steps, runs, phases and --seed
 TRAIN_CKPT_KEYS = {"config", "model", "meta", "phase", "run", "optimizer", "step", "tokens",
                    "position"}
@@ -553,7 +559,10 @@ def print_banner(args, ph, start, device, bf16, use_compile):
           f"efficiency {ph.data.efficiency:.2%}; eval on {args.eval_tokens:,} val tokens, "
           "15% masked")
     warmup = f"after {run.warmup_tokens:,} warmup tokens"
-    shape = {1: warmup, 2: "constant", 3: f"decaying as 1 - sqrt to {DECAY_FLOOR * run.lr:g}"}
+    decay = f"decaying as 1 - sqrt to {DECAY_FLOOR * run.lr:g}"
+    shape = {1: warmup, 2: "constant", 3: decay}
+    if run.schedule == "wsd-cooldown":
+        shape[1] = f"{warmup}, constant, then {decay} over the last {COOLDOWN_SHARE:.0%}"
     shape = f"{warmup}, decaying linearly to 0" if run.schedule == "linear" else shape[ph.number]
     warming = run.min_batch_size < run.batch_size and run.batch_warmup_tokens
     batch = (f"{run.min_batch_size} -> {run.batch_size} sequences over "
@@ -581,17 +590,25 @@ def lr_at(phase, tokens, peak, warmup_tokens, total_tokens, schedule="wsd"):
     """Learning rate for a step, read at `tokens` = tokens seen once this step's batch is in (so
     warmup's first step is not zero and the decay lands exactly on its floor at the end).
     wsd: ModernBERT's warmup-stable-decay, one part per phase. linear: BERT's, in every phase a
-    linear warmup (phase 1) and then a linear decay to zero at the phase's last token."""
+    linear warmup (phase 1) and then a linear decay to zero at the phase's last token.
+    wsd-cooldown: wsd, and phase 1 decays too, over its last COOLDOWN_SHARE."""
     if schedule == "linear":
         if tokens < warmup_tokens:
             return peak * tokens / warmup_tokens
         return peak * max(0.0, (total_tokens - tokens) / (total_tokens - warmup_tokens))
-    if phase == 1:  # linear warmup, then constant
+    if phase == 1:  # linear warmup, then constant (and wsd-cooldown's decay at the end)
+        cooldown_start = (1 - COOLDOWN_SHARE) * total_tokens
+        if schedule == "wsd-cooldown" and tokens > cooldown_start:
+            return sqrt_decay(peak, (tokens - cooldown_start) / (total_tokens - cooldown_start))
         return peak * min(1.0, tokens / warmup_tokens) if warmup_tokens else peak
     if phase == 2:  # constant, no warmup
         return peak
-    t = min(tokens, total_tokens) / total_tokens  # phase 3: 1 - sqrt decay over the whole phase
-    return peak * (DECAY_FLOOR + (1 - DECAY_FLOOR) * (1 - math.sqrt(t)))
+    return sqrt_decay(peak, tokens / total_tokens)  # phase 3: the decay over the whole phase
+
+
+def sqrt_decay(peak, t):
+    """1 - sqrt from peak (t = 0) to DECAY_FLOOR x peak (t = 1, and after)."""
+    return peak * (DECAY_FLOOR + (1 - DECAY_FLOOR) * (1 - math.sqrt(min(t, 1.0))))
 
 
 def batch_size_at(tokens, min_size, max_size, step_size, warmup_tokens):
