@@ -16,6 +16,7 @@ timing both models must agree on the MLM logits of the very inputs that are time
     python bench.py                              # base width, 6 layers, every workload
     python bench.py --workloads short_var --no_memory      # one workload: a minute or two on a CPU
     python bench.py --layers 22 --device cuda --dtype bf16
+    python bench.py --alternating --model mini --layers 4   # alternating vs all-global attention
 
 On a 2-core CPU the full default run takes about a quarter of an hour (one thread), most of it
 in the long workloads and the ten memory-probe processes.
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
@@ -59,10 +61,20 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alternating", action="store_true",
+                   help="instead: ours with alternating attention against ours with every layer "
+                        "global (the same weights), a training step on one row of each "
+                        "--row_lengths, in turns")
+    p.add_argument("--vocab_size", type=int,
+                   help="--alternating's vocabulary (default: the preset's; train.py's laptop "
+                        "model has prepare.py's 8192)")
+    p.add_argument("--row_lengths", default="2048,4096,8192",
+                   help="--alternating's rows, in tokens (default: phase 2's, %(default)s)")
     p.add_argument("--_memory_probe", nargs=3, metavar=("IMPL", "WORKLOAD", "DIR"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for key in ["layers", "short_batch", "long_batch", "train_batch", "repeat", "threads"]:
+    for key in ["layers", "short_batch", "long_batch", "train_batch", "repeat", "threads",
+                "vocab_size"]:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     for key in ["short_len", "long_len"]:  # lengths are drawn and clipped to [16, len]
@@ -70,6 +82,12 @@ def parse_args(argv=None):
             p.error(f"--{key} must be at least 16, got {getattr(args, key)}")
     if args.warmup < 0:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
+    try:
+        args.row_lengths = [int(n) for n in args.row_lengths.split(",")]
+    except ValueError:
+        p.error(f"--row_lengths must be comma-separated token counts, got {args.row_lengths!r}")
+    if min(args.row_lengths) < 16:
+        p.error(f"--row_lengths must be at least 16 tokens each, got {args.row_lengths}")
     return args
 
 
@@ -277,6 +295,8 @@ def run(args):
         return memory_probe(args)
     device = torch.device(pick_device(args.device))
     dtype = pick_dtype(args.dtype, device)
+    if args.alternating:
+        return alternating_against_global(args, device, dtype)
     workloads = args.workloads.split(",")
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
@@ -319,6 +339,45 @@ def run(args):
                           "layers": args.layers, "results": results}, indent=2))
     else:
         print_table(results, models)
+
+
+def alternating_and_global(config):
+    """The same weights twice: with config's attention spans, and with every layer global."""
+    models = {"alternating": ModernBERT(config),
+              "all global": ModernBERT(replace(config, global_every=1))}
+    models["all global"].load_state_dict(models["alternating"].state_dict())
+    return models
+
+
+def alternating_against_global(args, device, dtype):
+    """What alternating attention buys in speed: one model with ModernBERT's layers (one global
+    in three, a 128-token window in the others) and one with every layer global, both with the
+    same weights (the span is not a weight), each taking a training step on the same row, in
+    turns. A row is one document, 30% of it masked."""
+    torch.manual_seed(args.seed)
+    vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    config = config_for(args.model, n_layers=args.layers, max_seq_len=max(args.row_lengths),
+                        **vocab)
+    models = {name: m.to(device=device, dtype=dtype)
+              for name, m in alternating_and_global(config).items()}
+    print(f"device {device}, dtype {str(dtype).split('.')[-1]}, {args.model} width with "
+          f"{args.layers} layers ({sum(b.is_global for b in models['alternating'].layers)} of them "
+          f"global when alternating, window {config.window}), vocabulary {config.vocab_size}, "
+          f"attention backend {models['alternating'].attention_backend}, "
+          f"threads {torch.get_num_threads()}",
+          file=sys.stderr)
+    print("| row length | alternating tok/s | all global tok/s | alternating / all global |")
+    print("|---|---|---|---|")
+    g = torch.Generator().manual_seed(args.seed)
+    for length in args.row_lengths:
+        ids = torch.randint(5, config.vocab_size, (1, length), generator=g).to(device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        labels = torch.where(torch.rand(ids.shape, generator=g).to(device) < 0.3, ids, -100)
+        fns = {name: train_fn("ours", m, ids, mask, labels) for name, m in models.items()}
+        seconds = time_median(fns, device, args.warmup, args.repeat, trains=True)
+        print(f"| {length:,} | {length / seconds['alternating']:,.0f} | "
+              f"{length / seconds['all global']:,.0f} | "
+              f"{seconds['all global'] / seconds['alternating']:.2f}x |", flush=True)
 
 
 def print_table(results, models):

@@ -933,3 +933,25 @@ def test_export_has_no_probability_dropout(tmp_path):
         mine, _ = ours.eval()(ids, attention_mask=mask)
     assert torch.equal(theirs, again)
     assert (theirs - mine)[mask].abs().max() <= 1e-4
+
+
+def test_bench_alternating_pair_differs_only_in_the_span(capsys):
+    """bench.py --alternating times two models that must be one model but for the local layers'
+    span: where every key is inside the window they give the same logits, beyond it they do not;
+    and the run prints one row per length."""
+    import bench
+    torch.manual_seed(0)
+    config = config_for("tiny")  # window 16: a token sees 8 on each side
+    models = bench.alternating_and_global(config)
+    assert [b.is_global for b in models["all global"].layers] == [True] * config.n_layers
+    assert [b.is_global for b in models["alternating"].layers] == [True, False, False]
+    for length, same in [(9, True), (40, False)]:
+        ids = torch.randint(5, config.vocab_size, (1, length))
+        a, g = (m.eval()(ids)[0] for m in models.values())
+        assert torch.allclose(a, g, atol=1e-5) == same, length
+    bench.main(["--alternating", "--model", "tiny", "--layers", "3", "--row_lengths", "32,64",
+                "--repeat", "1", "--warmup", "0", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| row length", "| 32", "| 64"]
+    with pytest.raises(SystemExit):
+        bench.main(["--alternating", "--row_lengths", "2048,x"])
