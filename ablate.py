@@ -385,7 +385,8 @@ def results_table(args, results, jobs, dtype, grid, chosen):
     pairs = compared_pairs(several)
     if pairs:
         lines += ["", "Each rung against the one before it, each leave-one-out rung against "
-                  "modernbert (val acc, mean over seeds; Welch's t):", "",
+                  "modernbert, each variant against modernbert and its own counterpart (val acc, "
+                  "mean over seeds; Welch's t):", "",
                   "| rungs | difference | p |", "|---|---|---|"]
         for a, b in pairs:
             diff, p = welch(accs[b], accs[a])
@@ -429,6 +430,18 @@ def welch(a, b):
     return a.mean() - b.mean(), float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def seed_band(curves):
+    """Seeds' curves, each (evals, 2) of (tokens, accuracy) -> (tokens, mean, lowest, highest)
+    per eval, or None for one seed. Seeds eval at the same steps, but the tokens they count there
+    differ by a few (each seed packs other documents into its rows): eval i of every seed is one
+    point, at the seeds' mean token count."""
+    if len(curves) < 2 or len({len(c) for c in curves}) > 1:
+        return None
+    stacked = np.stack(curves)                      # (seeds, evals, 2)
+    accs = stacked[:, :, 1]
+    return stacked[:, :, 0].mean(0), accs.mean(0), accs.min(0), accs.max(0)
+
+
 def plot_curves(args, results, jobs, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -444,17 +457,17 @@ def plot_curves(args, results, jobs, path):
         curves = [np.array(results[f"{rung}@{seed}"]["curve"]) * [1e-6, 100]
                   for seed in sorted({s for r, s in jobs if r == rung})]  # (evals, 2) each
         style = dict(color=color, ls="-" if rung in LADDER else "--")
-        if len(curves) > 1 and all(np.array_equal(c[:, 0], curves[0][:, 0]) for c in curves):
-            accs = np.stack([c[:, 1] for c in curves])      # (seeds, evals), at the same tokens
-            ax.fill_between(curves[0][:, 0], accs.min(0), accs.max(0), color=color, alpha=0.2)
-            ax.plot(curves[0][:, 0], accs.mean(0), lw=1.8, label=f"{rung} ({len(curves)} seeds)",
-                    **style)
+        band = seed_band(curves)
+        if band is not None:
+            tokens, mean, low, high = band
+            ax.fill_between(tokens, low, high, color=color, alpha=0.2)
+            ax.plot(tokens, mean, lw=1.8, label=f"{rung} ({len(curves)} seeds)", **style)
         else:
             ax.plot(curves[0][:, 0], curves[0][:, 1], lw=1.8, label=rung, **style)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("val MLM accuracy, 15% masked (%)")
-    ax.set_title(f"The ladder, BERT -> ModernBERT, phase 1 ({args.tokens:,} tokens per rung; "
-                 "several seeds: their mean, the band from lowest to highest)", fontsize=10)
+    ax.set_title(f"The ladder, BERT -> ModernBERT, phase 1 ({args.tokens:,} tokens per rung)\n"
+                 "several seeds: their mean, the band from lowest to highest", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

@@ -203,6 +203,19 @@ def test_the_threshold_column_and_the_compared_pairs():
         [("modernbert-wsd", "modernbert+cooldown")]
 
 
+def test_the_seed_band_pairs_evals_whose_token_counts_differ_by_a_few():
+    # seeds pack other documents into their rows, so eval i lands a few tokens apart per seed
+    curves = [np.array([[1000, 0.1], [2003, 0.3]]), np.array([[1002, 0.2], [2001, 0.5]]),
+              np.array([[1001, 0.3], [2002, 0.1]])]
+    tokens, mean, low, high = ablate.seed_band(curves)
+    np.testing.assert_allclose(tokens, [1001, 2002])
+    np.testing.assert_allclose(mean, [0.2, 0.3])
+    np.testing.assert_allclose(low, [0.1, 0.1])
+    np.testing.assert_allclose(high, [0.3, 0.5])
+    assert ablate.seed_band(curves[:1]) is None                     # one seed: a line, no band
+    assert ablate.seed_band([curves[0], curves[1][:1]]) is None     # a run cut short
+
+
 # ----------------------------------------------------------------------------- long range
 
 def test_previous_occurrence_distances_by_hand():
