@@ -45,7 +45,7 @@ import torch
 import train
 from modernbert import Config, ModernBERT
 from prepare import load_meta, load_split
-from runtime import load_checkpoint, one_line_errors, speed_setup
+from runtime import load_checkpoint, mean_interval, one_line_errors, speed_setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -410,14 +410,6 @@ def compared_pairs(rungs):
               if r.startswith("modernbert-") and "modernbert" in rungs]
     return pairs + [(other, r) for r in rungs if r in VARIANTS
                     for other in ("modernbert", VARIANTS[r][2]) if other in rungs]
-
-
-def mean_interval(values):
-    """The 95% t interval of the mean of a few seeds' numbers."""
-    from scipy import stats  # scipy comes with scikit-learn (requirements.txt)
-    v = np.asarray(values, float)
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return v.mean() - half, v.mean() + half
 
 
 def welch(a, b):

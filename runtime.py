@@ -20,6 +20,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import safetensors.torch
 import torch
 import torch.nn as nn
@@ -177,6 +178,14 @@ def export_hf(model, out_dir, tokenizer, pooling=None):
             write_json(os.path.join(tmp, path), content)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def mean_interval(values):
+    """The 95% t interval of the mean of a few seeds' numbers."""
+    from scipy import stats  # scipy comes with scikit-learn (requirements.txt)
+    v = np.asarray(values, float)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return v.mean() - half, v.mean() + half
 
 
 def write_json(path, content):
