@@ -159,8 +159,13 @@ def reciprocal_ranks(ranks):
 
 def paired_bootstrap(ranks_a, ranks_b, resamples=10_000, seed=0):
     """MRR@10 of a minus that of b on the same queries, and the 95% interval of the difference
-    from resampling the queries with replacement (both systems keep each query's pair)."""
-    diff = reciprocal_ranks(ranks_a) - reciprocal_ranks(ranks_b)                     # (n_queries,)
+    from resampling the queries with replacement (both systems keep each query's pair). Either
+    side may be several seeds of a system, (seeds, n_queries): each query's reciprocal rank is
+    then the seeds' mean, so the interval is over queries with the seeds averaged."""
+    def per_query(ranks):
+        rr = reciprocal_ranks(ranks)
+        return rr.mean(0) if rr.dim() == 2 else rr
+    diff = per_query(ranks_a) - per_query(ranks_b)                                   # (n_queries,)
     g = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(diff), (resamples, len(diff)), generator=g)
     means = diff[picks].mean(1)

@@ -10,6 +10,7 @@ Training pairs come from prepare.py's train files, test pairs from its val files
     python finetune.py --init_from path/to/run_or_hf_dir --out out/ft2
     python finetune.py --resume                     # continue an interrupted fine-tune exactly
     python finetune.py --compare out_other          # another model fine-tuned alike, same table
+    python finetune.py --seeds_of ft1 ft2 ft3 --against other1 other2 other3   # seeds, read only
     python sample.py --init_from out/finetune --search "read the whole file" --in some/code/
 
 Training is contrastive with in-batch negatives (InfoNCE; sentence-transformers calls it
@@ -28,6 +29,7 @@ holds ckpt.pt, tokenizer.json, hf/, rerank/ and results.json.
 """
 import argparse
 import importlib.metadata
+import json
 import importlib.util
 import math
 import os
@@ -47,9 +49,9 @@ import codesearch as cs
 from codesearch import MAX_DOC_TOKENS, MAX_QUERY_TOKENS, code_functions
 from prepare import load_meta, split_files
 from runtime import (DEFAULT_RUN_DIR, Classifier, autocast_for, device_flag, embed, encode,
-                     export_classifier, export_hf, find_model, load_model, one_line_errors,
-                     pick_device, planned_run, pooled, quiet_encoder, save_atomic, setting_flags,
-                     speed_setup, truncated, write_json)
+                     export_classifier, export_hf, find_model, load_model, mean_interval,
+                     one_line_errors, pick_device, planned_run, pooled, quiet_encoder,
+                     save_atomic, setting_flags, speed_setup, truncated, write_json)
 from train import make_optimizer
 
 DEFAULTS = dict(steps=800, batch_size=32, lr=5e-4, warmup=0.1, weight_decay=1e-5,
@@ -538,7 +540,16 @@ def get_args(argv):
                    help="bf16 autocast; auto: where a bf16 matmul measures faster "
                         "(default: %(default)s)")
     g.add_argument("--device", type=device_flag, help="default: cuda, else mps, else cpu")
+    g = p.add_argument_group("several seeds, from finished runs (nothing is trained)")
+    g.add_argument("--seeds_of", nargs="+", metavar="RUN",
+                   help="finetune.py --out directories of one model's seeds: each system's "
+                        "mean MRR@10 with its 95%% t interval over them, and the seed-averaged "
+                        "paired bootstrap against BM25")
+    g.add_argument("--against", nargs="+", metavar="RUN", default=[],
+                   help="another model's seeds, alike: --seeds_of minus --against, paired")
     args = p.parse_args(argv)
+    if args.against and not args.seeds_of:
+        p.error("--against compares with --seeds_of: give both")
     for key, (ok, want) in CHECKS.items():
         value = getattr(args, key)
         if value is not None and not (math.isfinite(value) and ok(value)):
@@ -570,10 +581,58 @@ def markdown_table(rows, set_names):
     return "\n".join(lines)
 
 
+def seeds_table(runs, against=()):
+    """Seeds of one model (finetune.py --out directories), optionally against another model's
+    seeds -> markdown: per system and test set, the mean MRR@10 over seeds with its 95% t
+    interval, and the paired bootstrap of the seeds' mean reciprocal rank per query against BM25
+    (and against the other model's same system). Runs must share their systems and queries."""
+    def loaded(paths):
+        results = []
+        for path in paths:
+            file = os.path.join(path, "results.json")
+            if not os.path.isfile(file):
+                raise ValueError(f"{file} not found: a finished finetune.py --out directory")
+            with open(file) as f:
+                results.append(json.load(f))
+        return results
+    mine, theirs = loaded(runs), loaded(against)
+    shape = [(len(r["rows"]), sorted(r["rows"][0]["sets"])) for r in mine + theirs]
+    if len(set(map(str, shape))) > 1:
+        raise ValueError("the runs do not score the same systems on the same test sets")
+    set_names = shape[0][1]
+
+    def ranks(results, i, name):  # (seeds, n_queries)
+        return torch.tensor([r["rows"][i]["sets"][name]["ranks"] for r in results])
+
+    def paired(a, b):
+        d = cs.paired_bootstrap(a, b)
+        return f"{d['diff']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})"
+
+    other = " | first - second (95%)" if theirs else ""
+    lines = [f"| system | test set | MRR@10, mean (95% over {len(mine)} seeds) | per seed | "
+             f"vs BM25, seed-averaged (95%){other} |", "|---" * (5 + bool(theirs)) + "|"]
+    for i, row in enumerate(mine[0]["rows"]):
+        for name in set_names:
+            mrr = [r["rows"][i]["sets"][name]["metrics"]["MRR@10"] for r in mine]
+            low, high = mean_interval(mrr) if len(mrr) > 1 else (mrr[0], mrr[0])
+            cells = [row["name"], name, f"{np.mean(mrr):.3f} ({low:.3f}-{high:.3f})",
+                     ", ".join(f"{m:.3f}" for m in mrr)]
+            if i > 0:  # BM25 is row 0 in every run
+                cells.append(paired(ranks(mine, i, name), ranks(mine, 0, name)))
+                if theirs:
+                    cells.append(paired(ranks(mine, i, name), ranks(theirs, i, name)))
+            else:
+                cells += [""] * (1 + bool(theirs))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     began = time.perf_counter()
     args = get_args(argv)
     with one_line_errors("finetune.py"):
+        if args.seeds_of:
+            return print(seeds_table(args.seeds_of, args.against))
         return run_all(args, began)
 
 

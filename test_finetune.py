@@ -160,6 +160,42 @@ def test_fusion_equals_a_hand_worked_example():
     assert codesearch.standardized(torch.zeros(1, 4)).abs().max() == 0  # an all-tied row: 0
 
 
+def test_seeds_table_by_hand(tmp_path, capsys):
+    """Two seeds of a model against two of another: the mean and t interval over seeds, and the
+    paired bootstrap of the per-query reciprocal rank averaged over seeds, as worked here."""
+    def run(name, model_ranks):
+        rows = [{"name": "BM25", "sets": {"stdlib": {"ranks": [1, 2, 4, 20]}}},
+                {"name": "dense", "sets": {"stdlib": {"ranks": model_ranks}}}]
+        for row in rows:
+            row["sets"]["stdlib"]["metrics"] = codesearch.retrieval_metrics(
+                row["sets"]["stdlib"]["ranks"])
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"rows": rows}))
+        return str(tmp_path / name)
+    a = [run("a1", [1, 1, 2, 20]), run("a2", [1, 4, 1, 5])]
+    b = [run("b1", [2, 20, 20, 1]), run("b2", [20, 20, 1, 2])]
+    finetune.main(["--seeds_of", *a, "--against", *b])
+    dense = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dense")]
+    cells = [c.strip() for c in dense[0].strip("|").split("|")]
+    mrr = [(1 + 1 + 0.5 + 0) / 4, (1 + 0.25 + 1 + 0.2) / 4]           # 0.625, 0.6125
+    half = 12.706 * np.std(mrr, ddof=1) / np.sqrt(2)                  # t(0.975, 1 df)
+    assert cells[2] == f"{np.mean(mrr):.3f} ({np.mean(mrr) - half:.3f}-{np.mean(mrr) + half:.3f})"
+    assert cells[3] == "0.625, 0.613"
+    rr_a = np.mean([[1, 1, 0.5, 0], [1, 0.25, 1, 0.2]], axis=0)       # per query, seeds averaged
+    vs_bm25 = rr_a - np.array([1, 0.5, 0.25, 0])
+    vs_b = rr_a - np.mean([[0.5, 0, 0, 1], [0, 0, 1, 0.5]], axis=0)
+    assert cells[4].startswith(f"{vs_bm25.mean():+.3f} (")
+    assert cells[5].startswith(f"{vs_b.mean():+.3f} (")
+    assert codesearch.paired_bootstrap(torch.tensor([[1, 1, 2, 20], [1, 4, 1, 5]]),
+                                       torch.tensor([1, 2, 4, 20]))["diff"] == \
+        pytest.approx(vs_bm25.mean())
+    with pytest.raises(SystemExit, match="finetune.py: error: .*results.json not found"):
+        finetune.main(["--seeds_of", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):
+        finetune.main(["--against", *b])
+    assert "give both" in capsys.readouterr().err
+
+
 def test_reranked_moves_the_top_k_above_the_rest_in_logit_order():
     first = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
     top = torch.tensor([[0, 1, 2]])               # BM25's top 3
