@@ -596,10 +596,11 @@ def seeds_table(runs, against=()):
                 results.append(json.load(f))
         return results
     mine, theirs = loaded(runs), loaded(against)
-    shape = [(len(r["rows"]), sorted(r["rows"][0]["sets"])) for r in mine + theirs]
-    if len(set(map(str, shape))) > 1:
+    shape = [[(row["name"] == "BM25", {n: len(v["ranks"]) for n, v in row["sets"].items()})
+              for row in r["rows"]] for r in mine + theirs]                # systems, queries
+    if any(s != shape[0] for s in shape):
         raise ValueError("the runs do not score the same systems on the same test sets")
-    set_names = shape[0][1]
+    set_names = sorted(mine[0]["rows"][0]["sets"])
 
     def ranks(results, i, name):  # (seeds, n_queries)
         return torch.tensor([r["rows"][i]["sets"][name]["ranks"] for r in results])

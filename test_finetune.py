@@ -189,6 +189,8 @@ def test_seeds_table_by_hand(tmp_path, capsys):
     assert codesearch.paired_bootstrap(torch.tensor([[1, 1, 2, 20], [1, 4, 1, 5]]),
                                        torch.tensor([1, 2, 4, 20]))["diff"] == \
         pytest.approx(vs_bm25.mean())
+    with pytest.raises(SystemExit, match="not score the same systems"):
+        finetune.main(["--seeds_of", *a, "--against", run("short", [1, 2, 3])])
     with pytest.raises(SystemExit, match="finetune.py: error: .*results.json not found"):
         finetune.main(["--seeds_of", str(tmp_path / "missing")])
     with pytest.raises(SystemExit):
