@@ -95,7 +95,11 @@ LADDER = ["bert"] + [name for name, *_ in CHANGES[:-1]] + ["modernbert"]
 # cooldown of its own, WSD ends its phase 1 decayed too, and the two shapes compare each with its
 # decay (at their tuned LRs: --lr_grid RUNG=...).
 VARIANTS = {"modernbert+cooldown": ("phase 3's 1 - sqrt decay over phase 1's last 20%",
-                                    dict(schedule="wsd-cooldown"), "modernbert-wsd")}
+                                    dict(schedule="wsd-cooldown"), "modernbert-wsd"),
+            # Absolute positions, but fixed: against learned ones, "absolute" or "learned from
+            # scratch"? (Not a ModernBERT part: modernbert.py's sinusoids, for this rung.)
+            "modernbert+sinusoidal": ("fixed sinusoidal positions instead of RoPE",
+                                      dict(positions="sinusoidal"), "modernbert-rope")}
 # Leave-one-out: the changes whose rungs moved most at the default budget (README).
 DEFAULT_LEAVE_ONE_OUT = ["modernbert-rope", "modernbert-wsd", "modernbert-batch_warmup"]
 # The two ends, run on --seeds seeds; train.py's default seed first.
@@ -511,8 +515,8 @@ def load_phase(run, phase, max_len):
     except TypeError as e:  # a checkpoint of another modernbert.py
         raise ValueError(f"{path} does not fit this modernbert.py ({e}): train it again") from None
     if config.positions != "rope":
-        raise ValueError(f"{path} has learned positions, which stop at {config.max_seq_len}; "
-                         "--long_range needs a RoPE model")
+        raise ValueError(f"{path} has {config.positions} positions, not RoPE's; --long_range "
+                         "needs a RoPE model")
     model = ModernBERT(replace(config, max_seq_len=max_len))  # RoPE: any length, no table
     model.load_state_dict(ckpt["model"])
     return model.eval()

@@ -63,7 +63,8 @@ class Config:
     cls_id: int = 50281
     sep_id: int = 50282
     # BERT's parts, each switched back at its "BERT:" comment (the defaults are ModernBERT's):
-    positions: str = "rope"    # or "learned": an absolute position table added to the embedding
+    positions: str = "rope"    # or "learned": an absolute position table added to the embedding,
+                               # or "sinusoidal": the same, fixed (Vaswani et al.), for the ladder
     mlp: str = "geglu"         # or "gelu": Linear -> GELU -> Linear, d_ff wide
     bias: bool = False         # True: a bias in every linear layer and LayerNorm
     prenorm: bool = True       # False: post-norm blocks, x = norm(x + f(x)), and no final norm
@@ -81,9 +82,13 @@ class Config:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.positions not in ("rope", "learned") or self.mlp not in ("geglu", "gelu"):
-            raise ValueError(f"positions must be 'rope' or 'learned' and mlp 'geglu' or 'gelu', "
-                             f"got {self.positions!r}, {self.mlp!r}")
+        if self.positions not in ("rope", "learned", "sinusoidal") or \
+                self.mlp not in ("geglu", "gelu"):
+            raise ValueError(f"positions must be 'rope', 'learned' or 'sinusoidal' and mlp 'geglu' "
+                             f"or 'gelu', got {self.positions!r}, {self.mlp!r}")
+        if self.d_model % 2 and self.positions == "sinusoidal":
+            raise ValueError(f"d_model {self.d_model} must be even: sinusoids come in sin, cos "
+                             "pairs")
         if self.head_dim % 2 and self.positions == "rope":
             raise ValueError(f"head_dim d_model / n_heads = {self.head_dim} must be even: RoPE "
                              "rotates pairs")
@@ -212,6 +217,19 @@ def apply_rope(x, cos, signed_sin):
     x = x.float()
     cos, signed_sin = (t.view(len(t), *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, signed_sin))
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def sinusoids(positions, d_model, init_std):
+    """(total_tokens, d_model): the original Transformer's fixed absolute positions (Vaswani et
+    al. 2017), sin at even features and cos at odd ones, frequencies 1 / 10000^(2i / d_model). Not
+    a ModernBERT part: the ablation's way to tell "absolute" from "learned from scratch". Scaled
+    so a feature's RMS over a whole period is init_std, the token table's at init, where a
+    learned table would start too."""
+    pairs = torch.arange(0, d_model, 2, device=positions.device).float()
+    inv_freq = 1.0 / 10_000 ** (pairs / d_model)
+    angles = positions.float()[:, None] * inv_freq                      # (total_tokens, d_model/2)
+    table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (total_tokens, d_model)
+    return table * init_std * math.sqrt(2)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -396,6 +414,8 @@ class ModernBERT(nn.Module):
         x = self.tok_embeddings(tokens)                                  # (total_tokens, d_model)
         if self.config.positions == "learned":  # BERT: each token's position in its document
             x = x + self.pos_embeddings(docs.positions)
+        if self.config.positions == "sinusoidal":  # absolute too, but nothing learned
+            x = x + sinusoids(docs.positions, self.config.d_model, self.config.init_std)
         x = self.embed_drop(self.embed_norm(x))  # BERT: dropout here too
         for block in self.layers:
             x = block(x, docs)

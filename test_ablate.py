@@ -65,6 +65,10 @@ def test_the_ladder_adds_one_change_per_rung_from_bert_to_the_default_run(tmp_pa
     variant_settings, variant_config = rung_run("modernbert+cooldown")
     assert variant_settings == dict(default[0], schedule="wsd-cooldown")
     assert variant_config == default[1]
+    # and fixed sinusoids in RoPE's place: the model's positions only, the recipe ModernBERT's
+    variant_settings, variant_config = rung_run("modernbert+sinusoidal")
+    assert variant_settings == default[0]
+    assert variant_config == dict(default[1], positions="sinusoidal")
 
 
 def test_a_run_directory_is_the_same_run_whatever_the_order_of_its_flags():
@@ -201,6 +205,9 @@ def test_the_threshold_column_and_the_compared_pairs():
          ("modernbert-wsd", "modernbert+cooldown")]
     assert ablate.compared_pairs(["modernbert-wsd", "modernbert+cooldown"]) == \
         [("modernbert-wsd", "modernbert+cooldown")]
+    assert ablate.compared_pairs(["modernbert", "modernbert-rope", "modernbert+sinusoidal"]) == \
+        [("modernbert", "modernbert-rope"), ("modernbert", "modernbert+sinusoidal"),
+         ("modernbert-rope", "modernbert+sinusoidal")]
 
 
 def test_the_seed_band_pairs_evals_whose_token_counts_differ_by_a_few():

@@ -312,6 +312,35 @@ def test_mixed_switches_run_but_do_not_export(tmp_path):
         model.save_pretrained(tmp_path)
 
 
+def test_sinusoidal_positions_are_the_papers_formula_and_restart_per_document(tmp_path):
+    """The ladder's fixed absolute positions: Vaswani et al.'s PE(p, 2i) = sin(p / 10000^(2i/d)),
+    PE(p, 2i+1) = cos(p / 10000^(2i/d)), worked by hand for d = 4 (frequencies 1 and 1/100), at the
+    token table's init scale. Nothing is learned (ModernBERT's parameters exactly), the table is
+    added (reordering a document's tokens changes more than the order of its outputs), each
+    document of a packed stream starts at position 0, and transformers has no such model."""
+    by_hand = torch.tensor([[0.0, 1.0, 0.0, 1.0],
+                            [math.sin(1), math.cos(1), math.sin(0.01), math.cos(0.01)],
+                            [math.sin(5), math.cos(5), math.sin(0.05), math.cos(0.05)]])
+    table = modernbert.sinusoids(torch.tensor([0, 1, 5]), 4, init_std=0.02)
+    assert torch.allclose(table, by_hand * 0.02 * math.sqrt(2), atol=1e-7)
+    config = replace_config(CONFIGS["narrow"], positions="sinusoidal")
+    assert parameter_shapes(config) == parameter_shapes(CONFIGS["narrow"])
+    model = seeded(config)
+    g = torch.Generator().manual_seed(3)
+    lengths = [9, 14]
+    ids = torch.randint(3, config.vocab_size, (sum(lengths),), generator=g)
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+    order = torch.randperm(lengths[0], generator=g)
+    with torch.no_grad():
+        packed, _ = model(ids, cu_seqlens=cu)                                       # (n, vocab)
+        alone = torch.cat([model(ids[cu[i]:cu[i + 1]][None])[0][0] for i in range(2)])
+        reordered = model(ids[:lengths[0]][order][None])[0][0]
+    assert float((packed - alone).abs().max()) <= 1e-5
+    assert float((reordered - alone[:lengths[0]][order]).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="transformers has no model"):
+        model.save_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------------------- unpadding and packing
 
 def test_batch_invariance_alone_padded_packed():
@@ -911,6 +940,8 @@ def test_impossible_shapes_are_refused_with_the_reason():
                            (dict(n_layers=0), "n_layers must be"),
                            (dict(attn_out_dropout=1.0), "attn_out_dropout"),
                            (dict(positions="alibi"), "positions must be"),
+                           (dict(positions="sinusoidal", d_model=9, n_heads=3),
+                            "d_model 9 must be even"),
                            (dict(mlp="swiglu"), "mlp 'geglu'")]:
         with pytest.raises(ValueError, match=reason):
             config_for("mini", **change)

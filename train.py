@@ -174,7 +174,8 @@ def get_args(argv):
     add("--model", choices=PRESETS, help="modernbert.py's model preset (default: --preset's)")
     for key in MODEL_KEYS:
         add(f"--{key}", type=int, help=f"override the preset's {key}")
-    add("--positions", choices=["rope", "learned"], help="rope, or learned (BERT's table)")
+    add("--positions", choices=["rope", "learned", "sinusoidal"],
+        help="rope, learned (BERT's table), or sinusoidal (fixed absolute, for the ablation)")
     add("--mlp", choices=["geglu", "gelu"], help="geglu (ModernBERT) or gelu (BERT)")
     add("--bias", type=on_off, metavar="{on,off}", help="biases in linear layers and norms (BERT)")
     add("--prenorm", type=on_off, metavar="{on,off}", help="pre-norm (on) or post-norm (BERT: off)")
@@ -497,7 +498,7 @@ def model_and_optimizer(args, meta, start, run, device):
     config.global_theta = 10_000.0 if args.phase == 1 else 160_000.0  # local layers stay at 10k
     config.attn_out_dropout = run.dropout
     config.bert_dropout = run.dropout_mode == "bert"
-    if config.positions == "rope" or not start.source:  # a learned table keeps its trained length
+    if config.positions != "learned" or not start.source:  # a learned table keeps its length
         config.max_seq_len = run.seq_len
     if run.seq_len > config.max_seq_len:
         raise ValueError(f"rows of {run.seq_len} tokens, but the model's learned positions stop "
@@ -548,8 +549,9 @@ def print_banner(args, ph, start, device, bf16, use_compile):
     config, run = ph.model.config, ph.run
     origin = (f"; from {start.path}" + (f" at step {start.step}" if start.resumed else "")
               if start.source else "")
-    positions = (f"RoPE theta global {config.global_theta:g} / local {config.local_theta:g}"
-                 if config.positions == "rope" else f"learned positions up to {config.max_seq_len}")
+    positions = {"rope": f"RoPE theta global {config.global_theta:g} / local "
+                         f"{config.local_theta:g}", "sinusoidal": "fixed sinusoidal positions",
+                 "learned": f"learned positions up to {config.max_seq_len}"}[config.positions]
     print(f"phase {ph.number}: {sum(p.numel() for p in ph.model.parameters()) / 1e6:.1f}M "
           f"parameters ({config.n_layers} layers, d_model {config.d_model}, d_ff {config.d_ff}, "
           f"{config.n_heads} heads), {positions}; {device}, {'bf16 autocast' if bf16 else 'fp32'}, "
