@@ -689,6 +689,12 @@ def run_all(args, began):
     for row in rows[1:]:  # each system against BM25, on the same queries
         row["paired"] = {n: cs.paired_bootstrap(row["sets"][n]["ranks"],
                                                 rows[0]["sets"][n]["ranks"]) for n in tests}
+    write_results(args, rows, splits, sets, tests, versions, bf16, began)
+    return rows
+
+
+def write_results(args, rows, splits, sets, tests, versions, bf16, began):
+    """OUT/results.json (every row, its per-query ranks included) and the tables, printed."""
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"),
                {"train_pairs": len(splits["train"]), "dev_pairs": len(splits["dev"]),
@@ -705,7 +711,6 @@ def run_all(args, began):
           f"interval. seconds: BM25 indexing and scoring; zero-shot: embedding; fine-tuned: "
           f"training and embedding. Wall time {time.perf_counter() - began:.0f} s in all -> "
           f"{args.out}/")
-    return rows
 
 
 if __name__ == "__main__":

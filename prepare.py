@@ -273,7 +273,7 @@ def split_files(data_dir):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
+def get_args(argv):
     parser = argparse.ArgumentParser(prog="prepare.py", description="Turn a text/code corpus "
                                      "into token files for train.py. Default corpus: the *.py "
                                      "sources of this Python's standard library.")
@@ -303,7 +303,11 @@ def main(argv=None):
         parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.val_chars < 1:
         parser.error(f"--val_chars must be at least 1, got {args.val_chars}")
+    return args
 
+
+def main(argv=None):
+    args = get_args(argv)
     try:
         tok = tokenizer_to_reuse(args.tokenizer) if args.tokenizer else None  # before reading
     except ValueError as e:
