@@ -20,8 +20,8 @@ def hf_family(c):
     for family, parts in FAMILY_PARTS.items():
         if all(getattr(c, key) == value for key, value in parts.items()):
             return family
-    raise ValueError("transformers has no model that mixes BERT's parts and ModernBERT's like "
-                     "this config")
+    raise ValueError("transformers has no model for this config: it mixes BERT's parts and "
+                     "ModernBERT's, or has the ladder's sinusoidal positions")
 
 
 # ----------------------------------------------------------------------------- tensors
