@@ -29,8 +29,8 @@ holds ckpt.pt, tokenizer.json, hf/, rerank/ and results.json.
 """
 import argparse
 import importlib.metadata
-import json
 import importlib.util
+import json
 import math
 import os
 import re

@@ -43,6 +43,10 @@ import hf_format
 
 # ----------------------------------------------------------------------------- configuration
 
+POSITIONS = ("rope", "learned", "sinusoidal")  # Config.positions' values (train.py's choices)
+MLPS = ("geglu", "gelu")                       # Config.mlp's
+
+
 @dataclass
 class Config:
     vocab_size: int = 50368    # a multiple of 64 so the embedding matmul tiles tensor cores evenly
@@ -82,8 +86,7 @@ class Config:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.positions not in ("rope", "learned", "sinusoidal") or \
-                self.mlp not in ("geglu", "gelu"):
+        if self.positions not in POSITIONS or self.mlp not in MLPS:
             raise ValueError(f"positions must be 'rope', 'learned' or 'sinusoidal' and mlp 'geglu' "
                              f"or 'gelu', got {self.positions!r}, {self.mlp!r}")
         if self.d_model % 2 and self.positions == "sinusoidal":

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from modernbert import PRESETS, Config, ModernBERT, config_for, cu_seqlens_of
+from modernbert import MLPS, POSITIONS, PRESETS, Config, ModernBERT, config_for, cu_seqlens_of
 from prepare import load_meta, load_split
 from runtime import (autocast_for, device_flag, export_hf, load_checkpoint, one_line_errors,
                      pick_device, save_atomic, speed_setup)
@@ -174,9 +174,9 @@ def get_args(argv):
     add("--model", choices=PRESETS, help="modernbert.py's model preset (default: --preset's)")
     for key in MODEL_KEYS:
         add(f"--{key}", type=int, help=f"override the preset's {key}")
-    add("--positions", choices=["rope", "learned", "sinusoidal"],
+    add("--positions", choices=POSITIONS,
         help="rope, learned (BERT's table), or sinusoidal (fixed absolute, for the ablation)")
-    add("--mlp", choices=["geglu", "gelu"], help="geglu (ModernBERT) or gelu (BERT)")
+    add("--mlp", choices=MLPS, help="geglu (ModernBERT) or gelu (BERT)")
     add("--bias", type=on_off, metavar="{on,off}", help="biases in linear layers and norms (BERT)")
     add("--prenorm", type=on_off, metavar="{on,off}", help="pre-norm (on) or post-norm (BERT: off)")
     add = p.add_argument_group("run settings (default: --preset's in phase 1, derived from the "
