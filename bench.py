@@ -17,6 +17,8 @@ timing both models must agree on the MLM logits of the very inputs that are time
     python bench.py --workloads short_var --no_memory      # one workload: a minute or two on a CPU
     python bench.py --layers 22 --device cuda --dtype bf16
     python bench.py --alternating --model mini --layers 4   # alternating vs all-global attention
+    python bench.py --step_parts --model mini --layers 4 --vocab_size 8192 --threads 1
+                                                  # train.py's phase-1 step, taken apart
 
 On a 2-core CPU the full default run takes about a quarter of an hour (one thread), most of it
 in the long workloads and the ten memory-probe processes.
@@ -31,6 +33,7 @@ import time
 from dataclasses import replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modernbert import PRESETS, ModernBERT, config_for, cu_seqlens_of
 from runtime import device_flag, matmul_flops, one_line_errors, pick_device
@@ -65,9 +68,15 @@ def parse_args(argv=None):
                    help="instead: ours with alternating attention against ours with every layer "
                         "global (the same weights), a training step on one row of each "
                         "--row_lengths, in turns")
+    p.add_argument("--step_parts", action="store_true",
+                   help="instead: a training step as train.py's phase 1 takes it (--train_batch "
+                        "rows of --step_len tokens in micro-batches of 4), timed whole, then its "
+                        "matmuls and its attention kernel's calls replayed alone (CPU)")
+    p.add_argument("--step_len", type=int, default=256,
+                   help="--step_parts' row length (default: phase 1's %(default)s)")
     p.add_argument("--vocab_size", type=int,
-                   help="--alternating's vocabulary (default: the preset's; train.py's laptop "
-                        "model has prepare.py's 8192)")
+                   help="--alternating's and --step_parts' vocabulary (default: the preset's; "
+                        "train.py's laptop model has prepare.py's 8192)")
     p.add_argument("--row_lengths", default="2048,4096,8192",
                    help="--alternating's rows, in tokens (default: phase 2's, %(default)s)")
     p.add_argument("--_memory_probe", nargs=3, metavar=("IMPL", "WORKLOAD", "DIR"),
@@ -77,7 +86,7 @@ def parse_args(argv=None):
                 "vocab_size"]:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
-    for key in ["short_len", "long_len"]:  # lengths are drawn and clipped to [16, len]
+    for key in ["short_len", "long_len", "step_len"]:  # lengths are drawn and clipped to [16, len]
         if getattr(args, key) < 16:
             p.error(f"--{key} must be at least 16, got {getattr(args, key)}")
     if args.warmup < 0:
@@ -297,6 +306,8 @@ def run(args):
     dtype = pick_dtype(args.dtype, device)
     if args.alternating:
         return alternating_against_global(args, device, dtype)
+    if args.step_parts:
+        return step_parts(args, device, dtype)
     workloads = args.workloads.split(",")
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
@@ -378,6 +389,124 @@ def alternating_against_global(args, device, dtype):
         print(f"| {length:,} | {length / seconds['alternating']:,.0f} | "
               f"{length / seconds['all global']:,.0f} | "
               f"{seconds['all global'] / seconds['alternating']:.2f}x |", flush=True)
+
+
+# ------------------------------------------------------------------------- the step, taken apart
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+class RecordCalls(TorchDispatchMode):
+    """Records every matmul and attention-kernel call that runs under it: the op, and for each
+    tensor argument its shape, strides and dtype (enough to call it again on fresh tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls, self.attention = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        specs = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+                 if isinstance(a, torch.Tensor) else a for a in args]  # shapes, no data
+        if func in MATMULS:
+            self.matmuls.append((func, specs))
+        elif "scaled_dot_product" in func.name():  # SDPA's kernels, forward and backward
+            self.attention.append((func, specs))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_flop(func, specs):
+    """2 m k n for mm / addmm ((m, k) @ (k, n), addmm's bias first), times the batch for bmm."""
+    a, b = specs[1:3] if func is torch.ops.aten.addmm.default else specs[:2]
+    return 2 * a.numel() * b.shape[-1]
+
+
+def fresh_arguments(specs):
+    """Random CPU tensors in place of the recorded meta ones (same shapes, strides, dtypes)."""
+    def fresh(spec):
+        if not isinstance(spec, torch.Tensor):
+            return spec
+        t = torch.empty_strided(spec.shape, spec.stride(), dtype=spec.dtype)
+        return t.normal_() if t.is_floating_point() else t.zero_()
+    return [fresh(spec) for spec in specs]
+
+
+def phase1_micro_batches(args, vocab_size):
+    """--train_batch rows of --step_len random tokens, one document each, 30% masked, in
+    micro-batches of 4 rows (train.py's default) as packed streams: [(ids, cu_seqlens, labels)]."""
+    g = torch.Generator().manual_seed(args.seed)
+    rows = torch.randint(5, vocab_size, (args.train_batch, args.step_len), generator=g)
+    micro_batches = []
+    for group in rows.split(4):
+        ids = group.flatten()
+        labels = torch.where(torch.rand(len(ids), generator=g) < 0.3, ids, -100)
+        micro_batches.append((ids, cu_seqlens_of(torch.full((len(group),), args.step_len)), labels))
+    return micro_batches
+
+
+def step_parts(args, device, dtype):
+    """How much of train.py's phase-1 step any change outside the matmuls could win. The step
+    (AdamW; bf16 autocast for --dtype bf16, as train.py runs it on CPUs with bf16 units) is timed
+    whole; then the matmuls it ran, and its attention kernel's calls, are replayed alone on fresh
+    tensors of the same shapes, strides and dtypes, in turns with the step. Whole step - matmuls -
+    attention is everything else: norms, GELU, RoPE, dropout, the loss's softmax, the optimizer,
+    Python. Prints the table and returns the parts."""
+    if device.type != "cpu":
+        fail("--step_parts replays CPU kernels; run it with --device cpu")
+    torch.manual_seed(args.seed)
+    vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    model = ModernBERT(config_for(args.model, n_layers=args.layers, **vocab)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    micro_batches = phase1_micro_batches(args, model.config.vocab_size)
+    masked = sum(int((labels != -100).sum()) for *_, labels in micro_batches)
+    print(f"{args.model} width with {args.layers} layers, vocabulary {model.config.vocab_size}, "
+          f"{str(dtype).split('.')[-1]}, {args.train_batch} rows of {args.step_len} tokens "
+          f"({masked:,} masked), threads {torch.get_num_threads()}; median of {args.repeat}",
+          file=sys.stderr)
+
+    def step():
+        for ids, cu_seqlens, labels in micro_batches:
+            with autocast:
+                _, loss = model(ids, cu_seqlens=cu_seqlens, labels=labels, reduction="sum")
+            (loss / masked).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(max(args.warmup, 1)):
+        step()
+    with RecordCalls() as calls:
+        step()
+    replays = {part: [(func, fresh_arguments(specs)) for func, specs in recorded]
+               for part, recorded in (("matmuls", calls.matmuls), ("attention", calls.attention))}
+
+    def replay(part):
+        return lambda: [func(*arguments) for func, arguments in replays[part]]
+    parts = time_median({"step": step, "matmuls": replay("matmuls"),
+                         "attention": replay("attention")}, device, 0, args.repeat, trains=True)
+    parts.update(matmul_flop=sum(matmul_flop(func, specs) for func, specs in calls.matmuls),
+                 n_matmuls=len(calls.matmuls), n_attention=len(calls.attention),
+                 tokens=args.train_batch * args.step_len, masked=masked,
+                 peak=matmul_flops(dtype, device, n=2048))
+    print_step_parts(parts)
+    return parts
+
+
+def print_step_parts(p):
+    step, matmuls, attention = p["step"], p["matmuls"], p["attention"]
+    rest = step - matmuls - attention
+    print(f"| part of the step ({p['tokens']:,} tokens) | ms | share of the step | GFLOP/s |")
+    print("|---|---|---|---|")
+    print(f"| the whole step | {step * 1e3:,.0f} | 100% | "
+          f"{p['matmul_flop'] / step / 1e9:.1f} (its matmuls' FLOPs) |")
+    print(f"| its {p['n_matmuls']} matmuls, replayed alone | {matmuls * 1e3:,.0f} | "
+          f"{matmuls / step:.0%} | {p['matmul_flop'] / matmuls / 1e9:.1f} "
+          f"({p['matmul_flop'] / matmuls / p['peak']:.0%} of the peak) |")
+    print(f"| its {p['n_attention']} attention-kernel calls, replayed alone | "
+          f"{attention * 1e3:,.0f} | {attention / step:.0%} | |")
+    print(f"| everything else | {rest * 1e3:,.0f} | {rest / step:.0%} | |")
+    print(f"\nmatmul peak (the fastest of repeated 2048^3 matmuls): {p['peak'] / 1e9:.1f} GFLOP/s. "
+          f"With everything else free the step would run {step / (step - rest):.2f}x as fast; "
+          f"as its matmuls alone, {step / matmuls:.2f}x.")
 
 
 def print_table(results, models):

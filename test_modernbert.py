@@ -986,3 +986,28 @@ def test_bench_alternating_pair_differs_only_in_the_span(capsys):
     assert [r.split(" | ")[0] for r in rows] == ["| row length", "| 32", "| 64"]
     with pytest.raises(SystemExit):
         bench.main(["--alternating", "--row_lengths", "2048,x"])
+
+
+def test_bench_step_parts_records_every_matmul_of_the_step_once(capsys):
+    """bench.py --step_parts replays the step's matmuls: it must see each of them once. Counted
+    by hand: every linear layer runs three matmuls in a training step (forward, the gradient of
+    its input, the gradient of its weight), each 2 x rows x fan_in x fan_out FLOPs; the encoder's
+    run on every token, the head's (dense, decoder) on the masked ones; attention runs in SDPA,
+    a forward and a backward call per layer and micro-batch."""
+    import bench
+    parts = bench.main(["--step_parts", "--model", "tiny", "--layers", "3", "--vocab_size", "512",
+                        "--step_len", "64", "--train_batch", "8", "--repeat", "1", "--warmup",
+                        "0", "--threads", "1"])
+    c = config_for("tiny", vocab_size=512)
+    d, ff = c.d_model, c.d_ff
+    per_layer = d * 3 * d + d * d + d * 2 * ff + ff * d  # Wqkv, Wo, GeGLU's Wi, its Wo
+    head = d * d + d * c.vocab_size                      # dense, decoder
+    expected = 3 * 2 * (parts["tokens"] * 3 * per_layer + parts["masked"] * head)
+    assert parts["tokens"] == 8 * 64 and 0 < parts["masked"] < parts["tokens"]
+    assert parts["matmul_flop"] == expected
+    micro_batches = 2
+    assert parts["n_matmuls"] == 3 * (3 * 4 + 2) * micro_batches  # 4 linears a layer, 2 in the head
+    assert parts["n_attention"] == 3 * 2 * micro_batches
+    assert all(parts[k] > 0 for k in ("step", "matmuls", "attention"))
+    table = capsys.readouterr().out
+    assert f"| its {parts['n_matmuls']} matmuls, replayed alone |" in table
