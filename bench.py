@@ -450,8 +450,9 @@ def step_parts(args, device, dtype):
     tensors of the same shapes, strides and dtypes, in turns with the step. Whole step - matmuls -
     attention is everything else: norms, GELU, RoPE, dropout, the loss's softmax, the optimizer,
     Python. Prints the table and returns the parts."""
-    if device.type != "cpu":
-        fail("--step_parts replays CPU kernels; run it with --device cpu")
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        fail("--step_parts replays CPU kernels in train.py's precisions: run it with --device cpu "
+             "and --dtype fp32 or bf16")
     torch.manual_seed(args.seed)
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     model = ModernBERT(config_for(args.model, n_layers=args.layers, **vocab)).train()
