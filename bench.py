@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modernbert import PRESETS, ModernBERT, config_for, cu_seqlens_of
-from runtime import device_flag, matmul_flops, one_line_errors, pick_device
+from runtime import autocast_for, device_flag, matmul_flops, one_line_errors, pick_device
 
 WORKLOADS = ["short_fixed", "short_var", "long_fixed", "long_var", "train"]
 
@@ -457,7 +457,6 @@ def step_parts(args, device, dtype):
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     model = ModernBERT(config_for(args.model, n_layers=args.layers, **vocab)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     micro_batches = phase1_micro_batches(args, model.config.vocab_size)
     masked = sum(int((labels != -100).sum()) for *_, labels in micro_batches)
     print(f"{args.model} width with {args.layers} layers, vocabulary {model.config.vocab_size}, "
@@ -467,7 +466,7 @@ def step_parts(args, device, dtype):
 
     def step():
         for ids, cu_seqlens, labels in micro_batches:
-            with autocast:
+            with autocast_for(device, dtype == torch.bfloat16):
                 _, loss = model(ids, cu_seqlens=cu_seqlens, labels=labels, reduction="sum")
             (loss / masked).backward()
         optimizer.step()
